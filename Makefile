@@ -1,0 +1,41 @@
+# Set-up and entry points. Everything is installed into .venv by this file; nothing by hand.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= runs/demo
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONHASHSEED ?= 0
+
+.PHONY: install demo test test-all test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# tensorflow-privacy's metadata pins packages that conflict with TF 2.21; we use only its
+	# pure-Python analysis modules (see tfdpfair/privacy/tf_privacy_compat.py).
+	$(BIN)/python -m pip install --quiet --no-deps "tensorflow-privacy==0.9.0"
+	touch $(STAMP)
+
+# The main job on the built-in demo data: pre-train, DP fine-tune, non-private baseline, report.
+demo: $(STAMP)
+	$(BIN)/python -m experiments.train --workdir=$(WORKDIR)
+
+# The CI suite: every fast test plus the slow end-to-end tests marked `ci`.
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow or ci" tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/dp_step_time.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

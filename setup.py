@@ -1,0 +1,51 @@
+"""Packaging for tfdpfair: DP-SGD fine-tuning with exact accounting and fairness evaluation.
+
+tensorflow-privacy 0.9.0 (its last release) pins tensorflow-estimator, numpy<2 and
+dp-accounting==0.4.3, none of which can coexist with TensorFlow 2.21. We only use its pure-Python
+analysis submodules, so the Makefile installs it with ``--no-deps`` after this package
+(see TF_PRIVACY_REQUIREMENT and tfdpfair/privacy/tf_privacy_compat.py).
+"""
+
+from setuptools import find_packages, setup
+
+TF_PRIVACY_REQUIREMENT = "tensorflow-privacy==0.9.0"  # installed --no-deps by the Makefile
+
+INSTALL_REQUIRES = [
+    "tensorflow==2.21.*",
+    "keras>=3.12,<4",
+    "dp-accounting>=0.6,<0.7",
+    "tensorflow-datasets>=4.9.10,<5",
+    "absl-py>=2.1",
+    "ml-collections>=1.0",
+    "numpy>=1.26",
+    "scipy>=1.11",
+    "scikit-learn>=1.5",
+    "matplotlib>=3.8",
+    "pandas>=2.1",
+    "pillow>=10",
+    "openpyxl>=3.1",
+]
+
+TEST_REQUIRES = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "fairlearn>=0.12",
+]
+
+setup(
+    name="tfdpfair",
+    version="0.1.0",
+    description=(
+        "Differentially private (DP-SGD) fine-tuning of pre-trained image classifiers in "
+        "TensorFlow/Keras 3, with exact privacy accounting and subgroup fairness evaluation."
+    ),
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["tfdpfair", "tfdpfair.*", "experiments", "experiments.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES, "tfprivacy": [TF_PRIVACY_REQUIREMENT]},
+    entry_points={
+        "console_scripts": [
+            "tfdpfair-epsilon=tfdpfair.privacy.epsilon_cli:run",
+        ],
+    },
+)

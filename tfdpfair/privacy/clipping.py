@@ -1,0 +1,140 @@
+"""Per-example gradient clipping: the only place where the data touches the gradient.
+
+For a micro-batch of B examples with per-example losses l_i(θ) and a 0/1 mask m_i, this module
+computes
+
+    clipped_sum = Σ_i m_i · g_i · min(1, C / ||g_i||₂),      g_i = ∇_θ l_i(θ),
+
+where ||g_i||₂ is the *global* L2 norm over every trained variable together (not per layer), and
+C is the clipping norm in the units of the gradient. One example therefore moves
+``clipped_sum`` by at most C in L2 norm (DESIGN.md invariant 1), and a padded example (m_i = 0)
+moves it by exactly zero.
+
+Gradients are taken only with respect to ``variables`` (normally ``model.trainable_variables``),
+so a frozen backbone contributes no per-example gradient storage. Per-example gradients are
+computed with ``tf.vectorized_map`` (one example per map iteration), which turns the backward
+pass into a batched computation instead of a Python loop.
+
+An "example" may itself carry several augmented views (augmentation multiplicity): the
+per-example loss function then averages over its K views before differentiation, so the
+clipped object is still the gradient of one example's loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import tensorflow as tf
+
+PerExampleLossFn = Callable[[Any], tf.Tensor]
+"""Maps ONE example (a nested structure of tensors without a batch axis) to a scalar loss."""
+
+
+class ClippedGradients(NamedTuple):
+    """Result of clipping one micro-batch.
+
+    A NamedTuple, so it can be returned from a ``tf.function``.
+
+    Attributes:
+      grad_sum: per variable, Σ_i m_i · clip_C(g_i); same shapes as the variables.
+      loss_sum: Σ_i m_i · l_i (unclipped per-example losses, summed over real examples).
+      num_examples: Σ_i m_i, the number of real (unpadded) examples, float32.
+      num_clipped: number of real examples whose gradient norm exceeded C.
+      grad_norms: per-example global gradient norms ||g_i||₂ before clipping, shape [B];
+        padded rows are reported as 0.
+    """
+
+    grad_sum: list[tf.Tensor]
+    loss_sum: tf.Tensor
+    num_examples: tf.Tensor
+    num_clipped: tf.Tensor
+    grad_norms: tf.Tensor
+
+
+def per_example_gradients(
+    loss_fn: PerExampleLossFn,
+    variables: Sequence[tf.Variable],
+    examples: Any,
+) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """Per-example losses and gradients of ``loss_fn`` over a batch, vectorised over axis 0.
+
+    Args:
+      loss_fn: maps one example (the batch structure with axis 0 removed) to a scalar loss.
+      variables: the variables to differentiate (e.g. ``model.trainable_variables``).
+      examples: nested structure of tensors, each with the batch on axis 0.
+
+    Returns:
+      (grads, losses): ``grads[v]`` has shape [B, *variables[v].shape] with g_i in row i;
+      ``losses`` has shape [B]. A variable that does not influence the loss gets zeros.
+    """
+    variables = list(variables)
+
+    def one_example(example):
+        with tf.GradientTape() as tape:
+            loss = tf.cast(loss_fn(example), tf.float32)
+        grads = tape.gradient(
+            loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return grads, loss
+
+    grads, losses = tf.vectorized_map(one_example, examples)
+    return list(grads), losses
+
+
+def global_norms(per_example_grads: Sequence[tf.Tensor]) -> tf.Tensor:
+    """||g_i||₂ over all variables jointly: sqrt(Σ_v Σ_j g_{i,v,j}²); shape [B]."""
+    squares = [
+        tf.reduce_sum(tf.reshape(tf.square(tf.cast(g, tf.float32)), [tf.shape(g)[0], -1]), axis=1)
+        for g in per_example_grads
+    ]
+    return tf.sqrt(tf.add_n(squares))
+
+
+def clip_factors(norms: tf.Tensor, l2_norm_clip: float, mask: tf.Tensor) -> tf.Tensor:
+    """m_i · min(1, C / ||g_i||) computed as m_i · C / max(||g_i||, C) (exact, no epsilon)."""
+    clip = tf.constant(l2_norm_clip, tf.float32)
+    return tf.cast(mask, tf.float32) * clip / tf.maximum(norms, clip)
+
+
+def clipped_grad_sum(
+    loss_fn: PerExampleLossFn,
+    variables: Sequence[tf.Variable],
+    examples: Any,
+    mask: tf.Tensor,
+    l2_norm_clip: float,
+) -> ClippedGradients:
+    """Σ_i m_i · clip_C(∇ l_i) over one micro-batch; see the module docstring for the math.
+
+    Args:
+      loss_fn: per-example loss, ``loss_fn(example) -> scalar``.
+      variables: trained variables; only these are differentiated and returned.
+      examples: nested structure of batched tensors (axis 0 = example).
+      mask: shape [B], 1 for a real example and 0 for padding. Values are cast to float32 and
+        must be 0 or 1 (anything else would change the sensitivity).
+      l2_norm_clip: C > 0, in gradient units.
+
+    Returns:
+      A :class:`ClippedGradients` with summed (not averaged) clipped gradients.
+    """
+    if not l2_norm_clip > 0:
+        raise ValueError(f"l2_norm_clip must be > 0, got {l2_norm_clip}.")
+    grads, losses = per_example_gradients(loss_fn, variables, examples)
+    mask = tf.cast(mask, tf.float32)
+    norms = tf.where(mask > 0, global_norms(grads), 0.0)
+    factors = clip_factors(norms, l2_norm_clip, mask)
+    grad_sum = [_masked_weighted_sum(factors, mask, g) for g in grads]
+    return ClippedGradients(
+        grad_sum=grad_sum,
+        loss_sum=tf.reduce_sum(mask * losses),
+        num_examples=tf.reduce_sum(mask),
+        num_clipped=tf.reduce_sum(mask * tf.cast(norms > l2_norm_clip, tf.float32)),
+        grad_norms=norms,
+    )
+
+
+def _masked_weighted_sum(factors: tf.Tensor, mask: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
+    """Σ_i factors_i · g_i, with padded rows zeroed first so that even a non-finite gradient of
+    a padding example (0 · NaN = NaN) cannot leak into the sum."""
+    grads = tf.cast(grads, tf.float32)
+    keep = tf.reshape(mask > 0, [-1] + [1] * (grads.shape.rank - 1))
+    grads = tf.where(keep, grads, tf.zeros_like(grads))
+    return tf.tensordot(factors, grads, axes=[[0], [0]])

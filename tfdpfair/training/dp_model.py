@@ -1,0 +1,243 @@
+"""Keras entry point: ``make_private(model, DPConfig(...))`` returns a model whose ``fit()`` runs
+DP-SGD with Poisson sampling, exact accounting, and a hard stop at the privacy budget.
+
+How one Keras ``fit`` maps onto DP-SGD:
+
+* The data are numpy arrays of the N private examples. Each logical step t draws its batch by
+  Poisson sampling (privacy/sampling.py) and is fed to Keras as fixed-shape micro-batches with a
+  mask and an ``end_of_step`` flag.
+* ``train_step`` (one compiled call per micro-batch) adds the micro-batch's clipped gradient sum
+  to accumulator variables; on the last micro-batch of a logical step it draws the noise once,
+  divides by the expected batch size and calls ``optimizer.apply`` (privacy/dp_sgd.py).
+* The plan (σ, q, T, δ) is fixed before any example is read (privacy/accounting.py); the data
+  stream ends after the last step the budget affords, so the budget cannot be exceeded, and
+  ``history`` / the progress bar show ε after every logical step.
+
+A Keras "epoch" here is about ceil(N/B) logical steps, one pass over the data in expectation.
+Training-set loss and clip fraction are shown for monitoring; they are computed from private
+data without noise, so do not publish them as part of a DP release.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfdpfair.models.validate import check_dp_compatible
+from tfdpfair.privacy import accounting, sampling
+from tfdpfair.privacy.clipping import clipped_grad_sum
+from tfdpfair.privacy.dp_sgd import DPConfig, DPGradientAccumulator
+
+
+class PrivacyBudgetExhaustedError(RuntimeError):
+    """fit() was asked to train further than the privacy budget allows."""
+
+
+class DPModel(keras.Model):
+    """Wraps a Keras model (sharing its variables) and trains it with DP-SGD in ``fit()``."""
+
+    def __init__(self, model: keras.Model, dp_config: DPConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        check_dp_compatible(model)
+        self.inner = model
+        self.dp_config = dp_config
+        self.plan: accounting.PrivacyPlan | None = None
+        self._accumulator: DPGradientAccumulator | None = None
+        self._dp_sampler: sampling.PoissonSampler | None = None
+        self._per_example_loss: keras.losses.Loss | None = None
+        self._loss_tracker = keras.metrics.Mean(name="loss")
+        self._clip_tracker = keras.metrics.Mean(name="clipped_fraction")
+
+    def call(self, inputs, training=False):
+        return self.inner(inputs, training=training)
+
+    def compile(self, optimizer="sgd", loss=None, metrics=None, jit_compile=False, **kwargs):
+        """Like keras.Model.compile; ``loss`` must be a Keras loss (averaged over a batch)."""
+        if loss is None:
+            raise ValueError("DPModel.compile needs a loss, e.g. "
+                             "keras.losses.SparseCategoricalCrossentropy(from_logits=True).")
+        self._per_example_loss = keras.losses.get(loss)
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics,
+                        jit_compile=jit_compile, **kwargs)
+
+    @property
+    def metrics(self):
+        return [self._loss_tracker, self._clip_tracker]
+
+    @property
+    def logical_steps_done(self) -> int:
+        """Logical steps (noise draws) taken so far, over all fit() calls."""
+        return 0 if self._accumulator is None else int(self._accumulator.logical_steps.numpy())
+
+    def epsilon_spent(self) -> float:
+        """ε after the logical steps done so far (0 before training)."""
+        if self.plan is None:
+            return 0.0
+        return self.plan.epsilon(self.logical_steps_done)
+
+    # ---- planning ------------------------------------------------------------------------
+
+    def plan_privacy(self, num_examples: int, epochs: float | None = None,
+                     steps: int | None = None) -> accounting.PrivacyPlan:
+        """Fixes σ, q, T, δ for a run over ``num_examples`` private examples (see accounting)."""
+        cfg = self.dp_config
+        return accounting.plan_dp_sgd(
+            num_examples=num_examples, expected_batch_size=cfg.expected_batch_size,
+            steps=steps, epochs=epochs, noise_multiplier=cfg.noise_multiplier,
+            target_epsilon=cfg.target_epsilon, delta=cfg.delta, accountant=cfg.accountant)
+
+    def _prepare(self, num_examples: int, epochs: float | None, steps: int | None) -> None:
+        if self.plan is not None:
+            if self.plan.num_examples != num_examples:
+                raise ValueError(
+                    f"this DPModel was planned for N = {self.plan.num_examples} examples; got "
+                    f"{num_examples}. Privacy accounting assumes one fixed dataset.")
+            return
+        if not self.compiled:
+            raise RuntimeError("call compile() before fit().")
+        self.plan = self.plan_privacy(num_examples, epochs=epochs, steps=steps)
+        cfg = self.dp_config
+        self._dp_sampler = sampling.PoissonSampler(
+            num_examples, self.plan.sampling_rate, cfg.micro_batch_size, cfg.sampling_seed)
+        variables = self.inner.trainable_variables
+        if not variables:
+            raise ValueError("the model has no trainable variables.")
+        self._accumulator = DPGradientAccumulator(
+            variables, cfg.l2_norm_clip, self.plan.noise_multiplier, cfg.expected_batch_size,
+            noise_seed=sampling.random_seed() if cfg.noise_seed is None else cfg.noise_seed,
+            rescale_to_unit_norm=cfg.rescale_to_unit_norm)
+        self.optimizer.build(variables)
+
+    # ---- training ------------------------------------------------------------------------
+
+    def _example_loss(self, example):
+        """Loss of ONE example; with augmult K > 1, the mean over its K views."""
+        x, y = example
+        if self.dp_config.augmult > 1:
+            views = x  # [K, ...]
+            labels = tf.repeat(y[None], tf.shape(views)[0], axis=0)
+            return self._per_example_loss(labels, self.inner(views, training=True))
+        return self._per_example_loss(y[None], self.inner(x[None], training=True))
+
+    def train_step(self, data):
+        x, y, mask, end_of_step = data
+        clipped = clipped_grad_sum(self._example_loss, self.inner.trainable_variables,
+                                   (x, y), mask, self.dp_config.l2_norm_clip)
+        self._accumulator.accumulate(clipped)
+        self._loss_tracker.update_state(clipped.loss_sum / tf.maximum(clipped.num_examples, 1.0),
+                                        sample_weight=clipped.num_examples)
+        self._clip_tracker.update_state(
+            clipped.num_clipped / tf.maximum(clipped.num_examples, 1.0),
+            sample_weight=clipped.num_examples)
+        tf.cond(tf.reshape(end_of_step, []), self._release_step, lambda: tf.constant(False))
+        return {m.name: m.result() for m in self.metrics}
+
+    def _release_step(self):
+        grads = self._accumulator.noisy_mean_gradient()
+        self.optimizer.apply(grads, self.inner.trainable_variables)
+        return tf.constant(True)
+
+    def _dataset(self, x: np.ndarray, y: np.ndarray,
+                 batches: list[sampling.LogicalBatch]) -> tf.data.Dataset:
+        """One pass of micro-batches over the given logical steps, in order.
+
+        The stream may be iterated only once: if anything restarted it in the middle of a
+        logical step, the examples already accumulated would be accumulated again and one
+        example could move the step by more than C, so a restart raises instead.
+        """
+        m = self.dp_config.micro_batch_size
+        signature = (
+            tf.TensorSpec((m,) + x.shape[1:], tf.as_dtype(x.dtype)),
+            tf.TensorSpec((m,) + y.shape[1:], tf.as_dtype(y.dtype)),
+            tf.TensorSpec((m,), tf.float32),
+            tf.TensorSpec((), tf.bool),
+        )
+        started = []
+
+        def stream():
+            if started:
+                raise RuntimeError("the DP micro-batch stream was restarted; refusing to "
+                                   "re-sample examples into a logical step.")
+            started.append(True)
+            for batch in batches:
+                last = batch.num_microbatches - 1
+                for k in range(batch.num_microbatches):
+                    idx = batch.indices[k]
+                    yield x[idx], y[idx], batch.mask[k], np.bool_(k == last)
+
+        return tf.data.Dataset.from_generator(stream, output_signature=signature).prefetch(2)
+
+    def fit(self, x=None, y=None, epochs: float | None = None, steps: int | None = None,
+            callbacks=None, verbose="auto", validation_data=None, **kwargs):
+        """Runs DP-SGD on in-memory arrays ``x`` [N, ...] and ``y`` [N, ...].
+
+        Args:
+          epochs: expected passes over the data (T = ceil(epochs·N/B)); or give ``steps``.
+            Only the first call's epochs/steps set the plan; a later call continues the same
+            plan (same σ, q, δ) until its T steps are used up.
+          steps: number of logical steps T.
+          callbacks, verbose, validation_data: as in keras.Model.fit.
+
+        Returns:
+          The Keras History; ``history.history["epsilon"]`` holds ε after each Keras epoch.
+        """
+        if kwargs:
+            raise TypeError(f"DPModel.fit does not support {sorted(kwargs)}: batching, "
+                            "shuffling and step counts are set by the DP plan.")
+        x, y = np.asarray(x), np.asarray(y)
+        if len(x) != len(y):
+            raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}.")
+        if self.dp_config.augmult > 1 and x.ndim < 2:
+            raise ValueError("augmult > 1 expects inputs with a views axis [N, K, ...].")
+        self._prepare(len(x), epochs, steps)
+        start = self.logical_steps_done
+        if start >= self.plan.steps:
+            raise PrivacyBudgetExhaustedError(
+                f"all {self.plan.steps} planned logical steps were already taken (ε = "
+                f"{self.epsilon_spent():.3f}); training further would exceed the plan.")
+        batches = list(self._dp_sampler.logical_batches(start, self.plan.steps))
+        total_micro = sum(b.num_microbatches for b in batches)
+        steps_per_pass = max(1, math.ceil(self.plan.num_examples / self.dp_config.expected_batch_size))
+        keras_epochs = math.ceil(len(batches) / steps_per_pass)
+        # Keras epochs are display units of ~one data pass; they need not align with logical
+        # steps, because the accumulator carries a step across calls. PrivacyMonitor stops
+        # training right after the last planned step is released.
+        micro_per_epoch = math.ceil(total_micro / keras_epochs)
+        return super().fit(self._dataset(x, y, batches), epochs=keras_epochs,
+                           steps_per_epoch=micro_per_epoch,
+                           callbacks=[PrivacyMonitor(self)] + list(callbacks or []),
+                           verbose=verbose, validation_data=validation_data, shuffle=False)
+
+
+class PrivacyMonitor(keras.callbacks.Callback):
+    """Adds ``epsilon`` and ``logical_steps`` to the logs and stops at the end of the plan."""
+
+    def __init__(self, dp_model: DPModel):
+        super().__init__()
+        self._dp_model = dp_model
+
+    def _annotate(self, logs):
+        if logs is not None:
+            logs["logical_steps"] = self._dp_model.logical_steps_done
+            logs["epsilon"] = self._dp_model.epsilon_spent()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._annotate(logs)
+        if self._dp_model.logical_steps_done >= self._dp_model.plan.steps:
+            self._dp_model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._annotate(logs)
+
+
+def make_private(model: keras.Model, dp_config: DPConfig) -> DPModel:
+    """Returns a :class:`DPModel` that trains ``model``'s variables with DP-SGD.
+
+    Raises ``DPIncompatibleModelError`` if the model mixes examples (e.g. BatchNormalization in
+    training mode), naming the layer and the fix.
+    """
+    return DPModel(model, dp_config)
