@@ -23,6 +23,7 @@ $(STAMP): setup.py
 # The main job on the built-in demo data: pre-train, DP fine-tune, non-private baseline, report.
 demo: $(STAMP)
 	$(BIN)/python -m experiments.train --workdir=$(WORKDIR)
+	$(BIN)/python -m experiments.evaluate --run_dirs=$(WORKDIR) --out_dir=$(WORKDIR)/fairness
 
 # The CI suite: every fast test plus the slow end-to-end tests marked `ci`.
 test: $(STAMP)

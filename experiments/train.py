@@ -53,15 +53,12 @@ def classification_loss() -> keras.losses.Loss:
 
 
 def set_trainable(model: keras.Model, mode: str) -> None:
-    """"all", "head" (only the layer named "head"), or "last_stages:N" (NFNets)."""
-    if mode == "all":
-        model.trainable = True
-        return
-    from tfdpfair.models import nfnet
-    if mode == "head":
-        nfnet.set_trainable(model, "head")
+    """"all", "head" (only the layer named "head"), or "last_stages:N" (NFNet / WRN)."""
+    from tfdpfair.models import finetune
+    if mode in ("all", "head"):
+        finetune.set_trainable(model, mode)
     elif mode.startswith("last_stages:"):
-        nfnet.set_trainable(model, ("last_stages", int(mode.split(":", 1)[1])))
+        finetune.set_trainable(model, ("last_stages", int(mode.split(":", 1)[1])))
     else:
         raise ValueError(f"unknown model.train {mode!r}: use all, head or last_stages:N.")
 
@@ -70,7 +67,7 @@ def pretrain(config, data: DemoData) -> keras.Model:
     """Non-private training on the public split; returns the pre-trained model."""
     shape = data.public.images.shape[1:]
     model = model_factory.build_model(config.model.name, shape, len(data.class_names))
-    model.compile(optimizer=keras.optimizers.SGD(config.pretrain.learning_rate, momentum=0.9),
+    model.compile(optimizer=keras.optimizers.Adam(config.pretrain.learning_rate),
                   loss=classification_loss(), metrics=["accuracy"])
     log(f"pre-training {model.name} ({model.count_params():,} parameters) on "
         f"{len(data.public)} public examples for {config.pretrain.epochs} epochs")
@@ -119,7 +116,7 @@ def make_optimizer(config) -> keras.optimizers.Optimizer:
 def non_private_finetune(config, data: DemoData, pretrained: keras.Model) -> keras.Model:
     """The same fine-tuning without DP: same batch size and number of epochs."""
     model = fresh_copy(config, data, pretrained)
-    model.compile(optimizer=keras.optimizers.SGD(config.non_private.learning_rate, momentum=0.9),
+    model.compile(optimizer=keras.optimizers.Adam(config.non_private.learning_rate),
                   loss=classification_loss())
     log(f"non-private fine-tuning on {len(data.private)} examples for {config.dp.epochs:g} epochs")
     model.fit(data.private.images, data.private.labels, batch_size=config.dp.expected_batch_size,

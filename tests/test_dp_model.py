@@ -119,3 +119,20 @@ def test_fit_rejects_keras_batching_arguments():
     dp = compiled(small_model(), DPConfig(expected_batch_size=5, noise_multiplier=1.0))
     with pytest.raises(TypeError, match="batch_size"):
         dp.fit(x, y, epochs=1, batch_size=32)
+
+
+def test_augmentation_multiplicity_runs_through_fit():
+    rng = np.random.default_rng(0)
+    x = rng.random((24, 8, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 24).astype(np.int32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    config = DPConfig(expected_batch_size=6, micro_batch_size=4, noise_multiplier=1.0,
+                      augmult=3, delta=1e-3, noise_seed=0, sampling_seed=0)
+    dp = compiled(model, config)
+    history = dp.fit(x, y, steps=4, verbose=0)
+    assert dp.logical_steps_done == 4
+    assert np.isfinite(history.history["loss"][-1])
+    with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
+        compiled(small_model(), config).fit(*toy_data(), steps=1, verbose=0)

@@ -1,0 +1,31 @@
+"""tfdpfair: DP-SGD fine-tuning with exact accounting and subgroup fairness evaluation.
+
+The Keras entry points are imported lazily, so ``import tfdpfair.fairness`` (numpy only) does
+not load TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "make_private": "tfdpfair.training.dp_model",
+    "DPModel": "tfdpfair.training.dp_model",
+    "PrivacyBudgetExhaustedError": "tfdpfair.training.dp_model",
+    "DPConfig": "tfdpfair.privacy.dp_sgd",
+    "PrivacyPlan": "tfdpfair.privacy.accounting",
+    "plan_dp_sgd": "tfdpfair.privacy.accounting",
+    "compute_epsilon": "tfdpfair.privacy.accounting",
+    "calibrate_noise_multiplier": "tfdpfair.privacy.accounting",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tfdpfair' has no attribute {name!r}")

@@ -14,18 +14,18 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "digits"
-    config.data.public_fraction = 0.3  # pre-training data, not protected
+    config.data.public_fraction = 0.15  # pre-training data, not protected
     config.data.test_fraction = 0.2
-    config.data.image_size = 16  # digits are 8x8; upsampled for the NFNet stem
+    config.data.image_size = 8  # digits are 8x8 (16, 24, ... upsample them)
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = "nfnet_micro"  # see experiments/model_factory.py
-    config.model.train = "all"  # "all", "head", or "last_stages:N"
+    config.model.name = "nfnet_nano"  # see experiments/model_factory.py
+    config.model.train = "last_stages:1"  # "all", "head", or "last_stages:N" (DP and non-DP)
 
     config.pretrain = ml_collections.ConfigDict()
-    config.pretrain.epochs = 15
+    config.pretrain.epochs = 25
     config.pretrain.batch_size = 64
-    config.pretrain.learning_rate = 0.05
+    config.pretrain.learning_rate = 3e-3  # Adam
 
     config.dp = ml_collections.ConfigDict()
     config.dp.enabled = True
@@ -37,17 +37,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.dp.rescale_to_unit_norm = True
     config.dp.expected_batch_size = 256
     config.dp.micro_batch_size = 64
-    config.dp.epochs = 30.0
+    config.dp.epochs = 20.0
     config.dp.augmult = 1
     config.dp.noise_seed = config_dict.placeholder(int)  # None: secret, from OS entropy
     config.dp.sampling_seed = config_dict.placeholder(int)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "sgd"  # the papers: SGD, no momentum, constant learning rate
-    config.optimizer.learning_rate = 1.0
+    config.optimizer.learning_rate = 1.0  # on unit-norm updates
     config.optimizer.momentum = 0.0
 
     config.non_private = ml_collections.ConfigDict()
     config.non_private.enabled = True
-    config.non_private.learning_rate = 0.05  # on the plain mean gradient (no unit rescaling)
+    config.non_private.learning_rate = 1e-3  # Adam, same batch size and epochs as DP
     return config

@@ -39,8 +39,9 @@ class DPConfig:
       delta: δ; None means 1/N.
       accountant: "rdp" or "pld".
       rescale_to_unit_norm: divide the update by C as well (see module docstring).
-      augmult: K views per example (1 = no augmentation multiplicity). With K > 1, inputs carry
-        a views axis [B, K, ...] and the per-example loss is the mean over the K views.
+      augmult: K views per example (1 = no augmentation multiplicity). With K > 1, images
+        [B, H, W, C] get K random crops/flips each per step (data/augment.py) and the
+        per-example loss is the mean over the K views, so one example is still clipped once.
       noise_seed: seed of the Gaussian noise; None draws a secret one. Fix only for tests.
       sampling_seed: seed of the Poisson sampler; None draws a secret one. Fix only for tests.
     """

@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfdpfair.data import augment
 from tfdpfair.models.validate import check_dp_compatible
 from tfdpfair.privacy import accounting, sampling
 from tfdpfair.privacy.clipping import clipped_grad_sum
@@ -111,20 +112,27 @@ class DPModel(keras.Model):
             noise_seed=sampling.random_seed() if cfg.noise_seed is None else cfg.noise_seed,
             rescale_to_unit_norm=cfg.rescale_to_unit_norm)
         self.optimizer.build(variables)
+        self._augment_seed = sampling.random_seed() if cfg.noise_seed is None else cfg.noise_seed + 1
+        self._microbatch_counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._multiview_loss = augment.multiview_loss_fn(self.inner, self._per_example_loss)
 
     # ---- training ------------------------------------------------------------------------
 
     def _example_loss(self, example):
-        """Loss of ONE example; with augmult K > 1, the mean over its K views."""
-        x, y = example
+        """Loss of ONE example: x [H, W, C] without augmult, or its views [K, H, W, C]."""
         if self.dp_config.augmult > 1:
-            views = x  # [K, ...]
-            labels = tf.repeat(y[None], tf.shape(views)[0], axis=0)
-            return self._per_example_loss(labels, self.inner(views, training=True))
+            return self._multiview_loss(example)
+        x, y = example
         return self._per_example_loss(y[None], self.inner(x[None], training=True))
 
     def train_step(self, data):
         x, y, mask, end_of_step = data
+        if self.dp_config.augmult > 1:
+            # K fresh random views per example and micro-batch; the per-example loss averages
+            # over them before clipping, so the sensitivity stays C.
+            seed = tf.stack([tf.constant(self._augment_seed, tf.int64),
+                             self._microbatch_counter.assign_add(1)])
+            x = augment.make_views(x, self.dp_config.augmult, seed)
         clipped = clipped_grad_sum(self._example_loss, self.inner.trainable_variables,
                                    (x, y), mask, self.dp_config.l2_norm_clip)
         self._accumulator.accumulate(clipped)
@@ -191,8 +199,8 @@ class DPModel(keras.Model):
         x, y = np.asarray(x), np.asarray(y)
         if len(x) != len(y):
             raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}.")
-        if self.dp_config.augmult > 1 and x.ndim < 2:
-            raise ValueError("augmult > 1 expects inputs with a views axis [N, K, ...].")
+        if self.dp_config.augmult > 1 and x.ndim != 4:
+            raise ValueError(f"augmult > 1 needs images [N, H, W, C]; got shape {x.shape}.")
         self._prepare(len(x), epochs, steps)
         start = self.logical_steps_done
         if start >= self.plan.steps:
