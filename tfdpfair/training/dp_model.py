@@ -91,7 +91,13 @@ class DPModel(keras.Model):
             steps=steps, epochs=epochs, noise_multiplier=cfg.noise_multiplier,
             target_epsilon=cfg.target_epsilon, delta=cfg.delta, accountant=cfg.accountant)
 
-    def _prepare(self, num_examples: int, epochs: float | None, steps: int | None) -> None:
+    def _prepare(self, num_examples: int, epochs: float | None, steps: int | None,
+                 plan: accounting.PrivacyPlan | None = None,
+                 seeds: dict[str, int] | None = None) -> None:
+        """Fixes the plan and builds the sampler, accumulator and optimizer state (once).
+
+        ``plan`` and ``seeds`` are given when resuming from a checkpoint (training/checkpoint.py).
+        """
         if self.plan is not None:
             if self.plan.num_examples != num_examples:
                 raise ValueError(
@@ -100,19 +106,23 @@ class DPModel(keras.Model):
             return
         if not self.compiled:
             raise RuntimeError("call compile() before fit().")
-        self.plan = self.plan_privacy(num_examples, epochs=epochs, steps=steps)
+        self.plan = plan or self.plan_privacy(num_examples, epochs=epochs, steps=steps)
         cfg = self.dp_config
+        self.seeds = seeds or {
+            "sampling": sampling.random_seed() if cfg.sampling_seed is None else cfg.sampling_seed,
+            "noise": sampling.random_seed() if cfg.noise_seed is None else cfg.noise_seed,
+            "augment": sampling.random_seed() if cfg.noise_seed is None else cfg.noise_seed + 1,
+        }
         self._dp_sampler = sampling.PoissonSampler(
-            num_examples, self.plan.sampling_rate, cfg.micro_batch_size, cfg.sampling_seed)
+            num_examples, self.plan.sampling_rate, cfg.micro_batch_size, self.seeds["sampling"])
         variables = self.inner.trainable_variables
         if not variables:
             raise ValueError("the model has no trainable variables.")
         self._accumulator = DPGradientAccumulator(
             variables, cfg.l2_norm_clip, self.plan.noise_multiplier, cfg.expected_batch_size,
-            noise_seed=sampling.random_seed() if cfg.noise_seed is None else cfg.noise_seed,
-            rescale_to_unit_norm=cfg.rescale_to_unit_norm)
+            noise_seed=self.seeds["noise"], rescale_to_unit_norm=cfg.rescale_to_unit_norm)
         self.optimizer.build(variables)
-        self._augment_seed = sampling.random_seed() if cfg.noise_seed is None else cfg.noise_seed + 1
+        self._augment_seed = self.seeds["augment"]
         self._microbatch_counter = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._multiview_loss = augment.multiview_loss_fn(self.inner, self._per_example_loss)
 
@@ -202,6 +212,10 @@ class DPModel(keras.Model):
         if self.dp_config.augmult > 1 and x.ndim != 4:
             raise ValueError(f"augmult > 1 needs images [N, H, W, C]; got shape {x.shape}.")
         self._prepare(len(x), epochs, steps)
+        # A previous fit() may have been stopped in the middle of a logical step. Its partial
+        # sum was never released, so dropping it costs nothing; keeping it would count the
+        # re-sampled examples of that step twice (sensitivity 2C).
+        self._accumulator.reset()
         start = self.logical_steps_done
         if start >= self.plan.steps:
             raise PrivacyBudgetExhaustedError(
