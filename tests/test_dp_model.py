@@ -136,3 +136,26 @@ def test_augmentation_multiplicity_runs_through_fit():
     assert np.isfinite(history.history["loss"][-1])
     with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
         compiled(small_model(), config).fit(*toy_data(), steps=1, verbose=0)
+
+
+def test_batch_norm_model_fixed_with_group_norm_trains():
+    from tfdpfair.models.validate import replace_batch_norm_with_group_norm
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 1))
+    h = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    outputs = keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.ReLU()(h)))
+    model = keras.Model(inputs, outputs)
+    config = DPConfig(expected_batch_size=8, micro_batch_size=4, noise_multiplier=1.0,
+                      delta=1e-3, noise_seed=0, sampling_seed=0)
+    with pytest.raises(DPIncompatibleModelError, match="GroupNorm"):
+        make_private(model, config)
+    fixed = replace_batch_norm_with_group_norm(model, groups=2)
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 6, 6, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 32).astype(np.int32)
+    before = [w.copy() for w in fixed.get_weights()]
+    dp = compiled(fixed, config)
+    dp.fit(x, y, steps=3, verbose=0)
+    assert dp.logical_steps_done == 3
+    assert any(not np.allclose(a, b) for a, b in zip(before, fixed.get_weights()))
