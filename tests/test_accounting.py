@@ -3,22 +3,10 @@
 import math
 import warnings
 
-import dp_accounting
 import pytest
-from dp_accounting import pld, rdp
+from dp_reference import reference_epsilon as direct_epsilon
 
 from tfdpfair.privacy import accounting as acc
-
-RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-
-
-def direct_epsilon(sigma, q, steps, delta, kind):
-    """dp_accounting used by hand, composing the per-step event T times one by one."""
-    accountant = (rdp.RdpAccountant(neighboring_relation=RELATION) if kind == "rdp"
-                  else pld.PLDAccountant(neighboring_relation=RELATION))
-    step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-    accountant.compose(step, steps)
-    return accountant.get_epsilon(delta)
 
 
 @pytest.mark.parametrize("kind", ["rdp", "pld"])

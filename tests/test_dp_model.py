@@ -1,23 +1,14 @@
 """DPModel.fit end to end: invariants 2 (noise once per step) and 3 (every step accounted),
 the budget stop, and refusal of example-mixing models."""
 
-import dp_accounting
 import keras
 import numpy as np
 import pytest
-from dp_accounting import rdp
+from dp_reference import reference_epsilon as rdp_epsilon
 
-from tfdpfair.models.validate import DPIncompatibleModelError
+from tfdpfair.models.validate import DPIncompatibleModelError, replace_batch_norm_with_group_norm
 from tfdpfair.privacy.dp_sgd import DPConfig
 from tfdpfair.training.dp_model import PrivacyBudgetExhaustedError, make_private
-
-
-def rdp_epsilon(sigma, q, steps, delta):
-    accountant = rdp.RdpAccountant(
-        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(
-        q, dp_accounting.GaussianDpEvent(sigma)), steps)
-    return accountant.get_epsilon(delta)
 
 
 def small_model(units=3, inputs=4):
@@ -139,7 +130,6 @@ def test_augmentation_multiplicity_runs_through_fit():
 
 
 def test_batch_norm_model_fixed_with_group_norm_trains():
-    from tfdpfair.models.validate import replace_batch_norm_with_group_norm
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6, 6, 1))
     h = keras.layers.Conv2D(4, 3, name="conv")(inputs)

@@ -4,19 +4,10 @@ import json
 import subprocess
 import sys
 
-import dp_accounting
 import pytest
-from dp_accounting import rdp
+from dp_reference import reference_epsilon as rdp_epsilon
 
 pytestmark = [pytest.mark.slow, pytest.mark.ci]
-
-
-def rdp_epsilon(sigma, q, steps, delta):
-    accountant = rdp.RdpAccountant(
-        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(
-        q, dp_accounting.GaussianDpEvent(sigma)), steps)
-    return accountant.get_epsilon(delta)
 
 
 def test_train_then_evaluate(tmp_path):

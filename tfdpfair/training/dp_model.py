@@ -11,7 +11,7 @@ How one Keras ``fit`` maps onto DP-SGD:
   divides by the expected batch size and calls ``optimizer.apply`` (privacy/dp_sgd.py).
 * The plan (σ, q, T, δ) is fixed before any example is read (privacy/accounting.py); the data
   stream ends after the last step the budget affords, so the budget cannot be exceeded, and
-  ``history`` / the progress bar show ε after every logical step.
+  ``history`` / the progress bar show ε as training goes (every step with RDP).
 
 A Keras "epoch" here is about ceil(N/B) logical steps, one pass over the data in expectation.
 Training-set loss and clip fraction are shown for monitoring; they are computed from private
@@ -106,6 +106,7 @@ class DPModel(keras.Model):
             return
         if not self.compiled:
             raise RuntimeError("call compile() before fit().")
+        check_dp_compatible(self.inner)  # again: trainability may have changed since __init__
         self.plan = plan or self.plan_privacy(num_examples, epochs=epochs, steps=steps)
         cfg = self.dp_config
         self.seeds = seeds or {
