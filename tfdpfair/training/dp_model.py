@@ -3,9 +3,10 @@ DP-SGD with Poisson sampling, exact accounting, and a hard stop at the privacy b
 
 How one Keras ``fit`` maps onto DP-SGD:
 
-* The data are numpy arrays of the N private examples. Each logical step t draws its batch by
-  Poisson sampling (privacy/sampling.py) and is fed to Keras as fixed-shape micro-batches with a
-  mask and an ``end_of_step`` flag.
+* The data are the N private examples, as numpy arrays or an index-addressable source
+  (tfdpfair.data). Each logical step t draws its batch by Poisson sampling
+  (privacy/sampling.py) and is fed to Keras as fixed-shape micro-batches with a mask and an
+  ``end_of_step`` flag (training/microbatches.py).
 * ``train_step`` (one compiled call per micro-batch) adds the micro-batch's clipped gradient sum
   to accumulator variables; on the last micro-batch of a logical step it draws the noise once,
   divides by the expected batch size and calls ``optimizer.apply`` (privacy/dp_sgd.py).
@@ -20,6 +21,7 @@ data without noise, so do not publish them as part of a DP release.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -32,6 +34,7 @@ from tfdpfair.models.validate import check_dp_compatible
 from tfdpfair.privacy import accounting, sampling
 from tfdpfair.privacy.clipping import clipped_grad_sum
 from tfdpfair.privacy.dp_sgd import DPConfig, DPGradientAccumulator
+from tfdpfair.training import microbatches
 
 
 class PrivacyBudgetExhaustedError(RuntimeError):
@@ -160,41 +163,14 @@ class DPModel(keras.Model):
         self.optimizer.apply(grads, self.inner.trainable_variables)
         return tf.constant(True)
 
-    def _dataset(self, x: np.ndarray, y: np.ndarray,
-                 batches: list[sampling.LogicalBatch]) -> tf.data.Dataset:
-        """One pass of micro-batches over the given logical steps, in order.
-
-        The stream may be iterated only once: if anything restarted it in the middle of a
-        logical step, the examples already accumulated would be accumulated again and one
-        example could move the step by more than C, so a restart raises instead.
-        """
-        m = self.dp_config.micro_batch_size
-        signature = (
-            tf.TensorSpec((m,) + x.shape[1:], tf.as_dtype(x.dtype)),
-            tf.TensorSpec((m,) + y.shape[1:], tf.as_dtype(y.dtype)),
-            tf.TensorSpec((m,), tf.float32),
-            tf.TensorSpec((), tf.bool),
-        )
-        started = []
-
-        def stream():
-            if started:
-                raise RuntimeError("the DP micro-batch stream was restarted; refusing to "
-                                   "re-sample examples into a logical step.")
-            started.append(True)
-            for batch in batches:
-                last = batch.num_microbatches - 1
-                for k in range(batch.num_microbatches):
-                    idx = batch.indices[k]
-                    yield x[idx], y[idx], batch.mask[k], np.bool_(k == last)
-
-        return tf.data.Dataset.from_generator(stream, output_signature=signature).prefetch(2)
-
     def fit(self, x=None, y=None, epochs: float | None = None, steps: int | None = None,
             callbacks=None, verbose="auto", validation_data=None, **kwargs):
-        """Runs DP-SGD on in-memory arrays ``x`` [N, ...] and ``y`` [N, ...].
+        """Runs DP-SGD over N private examples.
 
         Args:
+          x: numpy inputs [N, ...] with labels ``y`` [N, ...]; or an IndexedSource
+            (tfdpfair.data: CheXpert, MIMIC-CXR, TFDS arrays) with ``y=None``, whose examples'
+            "image" and "label" are used.
           epochs: expected passes over the data (T = ceil(epochs·N/B)); or give ``steps``.
             Only the first call's epochs/steps set the plan; a later call continues the same
             plan (same σ, q, δ) until its T steps are used up.
@@ -207,12 +183,23 @@ class DPModel(keras.Model):
         if kwargs:
             raise TypeError(f"DPModel.fit does not support {sorted(kwargs)}: batching, "
                             "shuffling and step counts are set by the DP plan.")
-        x, y = np.asarray(x), np.asarray(y)
-        if len(x) != len(y):
-            raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}.")
-        if self.dp_config.augmult > 1 and x.ndim != 4:
-            raise ValueError(f"augmult > 1 needs images [N, H, W, C]; got shape {x.shape}.")
-        self._prepare(len(x), epochs, steps)
+        m = self.dp_config.micro_batch_size
+        if microbatches.is_indexed_source(x):
+            if y is not None:
+                raise ValueError("with an IndexedSource the labels come from the source; "
+                                 "pass y=None.")
+            num_examples, image_rank = len(x), len(x.element_spec["image"].shape) + 1
+            make_stream = functools.partial(microbatches.source_stream, x, micro_batch_size=m)
+        else:
+            x, y = np.asarray(x), np.asarray(y)
+            if len(x) != len(y):
+                raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}.")
+            num_examples, image_rank = len(x), x.ndim
+            make_stream = functools.partial(microbatches.array_stream, x, y, micro_batch_size=m)
+        if self.dp_config.augmult > 1 and image_rank != 4:
+            raise ValueError("augmult > 1 needs images [N, H, W, C]; got rank "
+                             f"{image_rank} inputs.")
+        self._prepare(num_examples, epochs, steps)
         # A previous fit() may have been stopped in the middle of a logical step. Its partial
         # sum was never released, so dropping it costs nothing; keeping it would count the
         # re-sampled examples of that step twice (sensitivity 2C).
@@ -230,7 +217,7 @@ class DPModel(keras.Model):
         # steps, because the accumulator carries a step across calls. PrivacyMonitor stops
         # training right after the last planned step is released.
         micro_per_epoch = math.ceil(total_micro / keras_epochs)
-        return super().fit(self._dataset(x, y, batches), epochs=keras_epochs,
+        return super().fit(make_stream(batches), epochs=keras_epochs,
                            steps_per_epoch=micro_per_epoch,
                            callbacks=[PrivacyMonitor(self)] + list(callbacks or []),
                            verbose=verbose, validation_data=validation_data, shuffle=False)
