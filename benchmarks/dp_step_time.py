@@ -55,7 +55,7 @@ def main() -> None:
         expected_batch_size=args.batch, micro_batch_size=args.micro_batch,
         noise_multiplier=1.0, noise_seed=0, sampling_seed=0))
     dp.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
-    dp._prepare(num_examples=len(data.private), epochs=None, steps=10**6)
+    dp.prepare(len(data.private), steps=10**6)
     num_micro = args.batch // args.micro_batch
     micro = [(tf.constant(x[k::num_micro]), tf.constant(y[k::num_micro]),
               tf.ones([args.micro_batch]), tf.constant(k == num_micro - 1))

@@ -96,11 +96,11 @@ def dp_finetune(config, data: DemoData, pretrained: keras.Model):
         noise_seed=dp.noise_seed, sampling_seed=dp.sampling_seed)
     private = make_private(model, dp_config)
     private.compile(optimizer=make_optimizer(config), loss=classification_loss())
-    plan = private.plan_privacy(len(data.private), epochs=dp.epochs)
+    plan = private.prepare(len(data.private), epochs=dp.epochs)
     log(f"DP fine-tuning on N = {plan.num_examples} private examples: σ = "
         f"{plan.noise_multiplier:.4f}, q = {plan.sampling_rate:.4f}, T = {plan.steps} steps, "
         f"δ = {plan.delta:.3g}, planned ε = {plan.epsilon():.3f} ({plan.accountant})")
-    private.fit(data.private.images, data.private.labels, epochs=dp.epochs, verbose=2)
+    private.fit(data.private.images, data.private.labels, verbose=2)
     return model, private
 
 

@@ -94,6 +94,16 @@ class DPModel(keras.Model):
             steps=steps, epochs=epochs, noise_multiplier=cfg.noise_multiplier,
             target_epsilon=cfg.target_epsilon, delta=cfg.delta, accountant=cfg.accountant)
 
+    def prepare(self, num_examples: int, epochs: float | None = None,
+                steps: int | None = None) -> accounting.PrivacyPlan:
+        """Fixes the privacy plan for N examples before training (fit() does it otherwise).
+
+        Lets a caller log or check σ, T and the planned ε before any data is read; a later
+        fit() uses this plan and ignores its own epochs/steps.
+        """
+        self._prepare(num_examples, epochs, steps)
+        return self.plan
+
     def _prepare(self, num_examples: int, epochs: float | None, steps: int | None,
                  plan: accounting.PrivacyPlan | None = None,
                  seeds: dict[str, int] | None = None) -> None:
