@@ -41,6 +41,7 @@ def test_logical_batch_padding_and_mask():
         batch = sampler.logical_batch(t)
         assert batch.indices.shape == batch.mask.shape == (batch.num_microbatches, 32)
         assert batch.num_microbatches == max(1, -(-chosen.size // 32))
+        assert sampler.num_microbatches(t) == batch.num_microbatches
         assert batch.size == chosen.size
         np.testing.assert_array_equal(np.sort(batch.indices[batch.mask > 0]), chosen)
         assert set(np.unique(batch.mask)) <= {0.0, 1.0}

@@ -80,11 +80,15 @@ class PoissonSampler:
         rng = np.random.default_rng([self.seed, int(step)])
         return np.flatnonzero(rng.random(self.num_examples) < self.sampling_rate).astype(np.int64)
 
+    def num_microbatches(self, step: int) -> int:
+        """Micro-batches that step ``step`` fills: max(1, ceil(|sample| / m))."""
+        return max(1, math.ceil(self.sample_indices(step).size / self.micro_batch_size))
+
     def logical_batch(self, step: int) -> LogicalBatch:
         """Step ``step``'s sample, padded to whole micro-batches (at least one)."""
         chosen = self.sample_indices(step)
         m = self.micro_batch_size
-        num_micro = max(1, math.ceil(chosen.size / m))
+        num_micro = max(1, math.ceil(chosen.size / m))  # as in num_microbatches()
         indices = np.zeros(num_micro * m, np.int64)
         mask = np.zeros(num_micro * m, np.float32)
         indices[:chosen.size] = chosen

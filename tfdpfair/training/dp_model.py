@@ -219,14 +219,17 @@ class DPModel(keras.Model):
             raise PrivacyBudgetExhaustedError(
                 f"all {self.plan.steps} planned logical steps were already taken (ε = "
                 f"{self.epsilon_spent():.3f}); training further would exceed the plan.")
-        batches = list(self._dp_sampler.logical_batches(start, self.plan.steps))
-        total_micro = sum(b.num_microbatches for b in batches)
+        # Count the micro-batches up front (Keras needs steps_per_epoch) but sample the index
+        # sets lazily inside the stream, so memory stays O(one step) however long the run is.
+        total_micro = sum(self._dp_sampler.num_microbatches(t)
+                          for t in range(start, self.plan.steps))
         steps_per_pass = max(1, math.ceil(self.plan.num_examples / self.dp_config.expected_batch_size))
-        keras_epochs = math.ceil(len(batches) / steps_per_pass)
+        keras_epochs = math.ceil((self.plan.steps - start) / steps_per_pass)
         # Keras epochs are display units of ~one data pass; they need not align with logical
         # steps, because the accumulator carries a step across calls. PrivacyMonitor stops
         # training right after the last planned step is released.
         micro_per_epoch = math.ceil(total_micro / keras_epochs)
+        batches = self._dp_sampler.logical_batches(start, self.plan.steps)
         return super().fit(make_stream(batches), epochs=keras_epochs,
                            steps_per_epoch=micro_per_epoch,
                            callbacks=[PrivacyMonitor(self)] + list(callbacks or []),
@@ -247,22 +250,25 @@ class PrivacyMonitor(keras.callbacks.Callback):
         self._dp_model = dp_model
         self._epsilon = (-1, 0.0)  # (steps, ε) last computed
 
-    def _current_epsilon(self, force: bool) -> float:
-        steps, plan = self._dp_model.logical_steps_done, self._dp_model.plan
+    def _current_epsilon(self, steps: int, force: bool) -> float:
+        plan = self._dp_model.plan
         interval = 1 if plan.accountant == "rdp" else max(
             1, plan.steps // self.PLD_REFRESHES_PER_RUN)
         if steps != self._epsilon[0] and (force or steps % interval == 0 or steps == plan.steps):
             self._epsilon = (steps, plan.epsilon(steps))
         return self._epsilon[1]
 
-    def _annotate(self, logs, force: bool):
+    def _annotate(self, logs, force: bool) -> int:
+        """Writes steps and ε into ``logs``; returns the steps (one variable read per batch)."""
+        steps = self._dp_model.logical_steps_done
         if logs is not None:
-            logs["logical_steps"] = self._dp_model.logical_steps_done
-            logs["epsilon"] = self._current_epsilon(force)
+            logs["logical_steps"] = steps
+            logs["epsilon"] = self._current_epsilon(steps, force)
+        return steps
 
     def on_train_batch_end(self, batch, logs=None):
-        self._annotate(logs, force=False)
-        if self._dp_model.logical_steps_done >= self._dp_model.plan.steps:
+        steps = self._annotate(logs, force=False)
+        if steps >= self._dp_model.plan.steps:
             self._dp_model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):

@@ -15,7 +15,7 @@ step by more than C; a restart therefore raises.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -30,7 +30,7 @@ def is_indexed_source(data: Any) -> bool:
     return hasattr(data, "get_batch") and hasattr(data, "element_spec") and hasattr(data, "__len__")
 
 
-def _one_shot(batches: list[LogicalBatch]):
+def _one_shot(batches: Iterable[LogicalBatch]):
     started = []
 
     def plan() -> Iterator[PlanElement]:
@@ -46,7 +46,7 @@ def _one_shot(batches: list[LogicalBatch]):
     return plan
 
 
-def array_stream(x: np.ndarray, y: np.ndarray, batches: list[LogicalBatch],
+def array_stream(x: np.ndarray, y: np.ndarray, batches: Iterable[LogicalBatch],
                  micro_batch_size: int) -> tf.data.Dataset:
     """Micro-batches gathered from in-memory arrays."""
     m = micro_batch_size
@@ -62,7 +62,7 @@ def array_stream(x: np.ndarray, y: np.ndarray, batches: list[LogicalBatch],
     return tf.data.Dataset.from_generator(gather, output_signature=signature).prefetch(2)
 
 
-def source_stream(source: Any, batches: list[LogicalBatch], micro_batch_size: int,
+def source_stream(source: Any, batches: Iterable[LogicalBatch], micro_batch_size: int,
                   image_key: str = "image", label_key: str = "label") -> tf.data.Dataset:
     """Micro-batches read from an IndexedSource, decoded in parallel, in order."""
     m = micro_batch_size
