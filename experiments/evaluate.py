@@ -72,12 +72,18 @@ def evaluate(run_dirs: Sequence[str], out_dir: str | pathlib.Path, *, num_bootst
 
 
 def main(argv: Sequence[str]) -> None:
+    """Run the evaluation from flags; a missing or corrupt run-directory file ends the program
+    with a one-line error naming the file and the fix (no traceback)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    result = evaluate(FLAGS.run_dirs, FLAGS.out_dir, num_bootstrap=FLAGS.num_bootstrap,
-                      seed=FLAGS.seed, min_group_size=FLAGS.min_group_size,
-                      confidence=FLAGS.confidence, threshold=FLAGS.threshold,
-                      eval_tasks=FLAGS.eval_tasks, reference=FLAGS.reference)
+    run_dirs = [d for d in FLAGS.run_dirs if d.strip()]  # "a,b," lists an empty entry
+    try:
+        result = evaluate(run_dirs, FLAGS.out_dir, num_bootstrap=FLAGS.num_bootstrap,
+                          seed=FLAGS.seed, min_group_size=FLAGS.min_group_size,
+                          confidence=FLAGS.confidence, threshold=FLAGS.threshold,
+                          eval_tasks=FLAGS.eval_tasks, reference=FLAGS.reference)
+    except run_io.RunDirError as e:
+        raise SystemExit(f"experiments.evaluate: error: {e}") from e
     for comparison in result["comparisons"]:
         for verdict in comparison["verdicts"].values():
             print(verdict["sentence"])

@@ -30,8 +30,9 @@ from tfdpfair.privacy.statement import privacy_statement
 from tfdpfair.privacy.tf_privacy_compat import tf_privacy_statement
 from tfdpfair.training.dp_model import make_private
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/demo.py", "Experiment configuration file.")
+_CONFIG = config_flags.DEFINE_config_file(  # default: the packaged demo, from any directory
+    "config", str(pathlib.Path(__file__).resolve().parent / "configs" / "demo.py"),
+    "Experiment configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Directory for the run's outputs.")
 
 

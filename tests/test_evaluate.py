@@ -167,3 +167,76 @@ def test_multilabel_with_patients_via_command_line(tmp_path):
         assert got["value"] == pytest.approx(want, abs=1e-9)
         assert got["ci"][0] <= got["value"] <= got["ci"][1]
     assert (tmp_path / "out" / "report.md").exists()
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def test_truncated_predictions_file_is_named(tmp_path):
+    dirs, *_ = _write_runs(tmp_path, {1.0: (0.8, 0.8)})
+    npz = tmp_path / "eps1" / "predictions" / "private.npz"
+    _truncate(npz)
+    with pytest.raises(run_io.RunDirError, match="cannot read predictions file") as info:
+        evaluate.evaluate(dirs, tmp_path / "out", num_bootstrap=10)
+    message = str(info.value)
+    assert str(npz) in message and "BadZipFile" in message
+    assert f"python -m experiments.train --workdir={tmp_path / 'eps1'}" in message
+    with pytest.raises(run_io.RunDirError, match="truncated or corrupt"):
+        run_io.read_predictions(npz)
+
+
+@pytest.mark.parametrize("arrays, match", [
+    ({"y_score": np.zeros((4, 3))}, r"lacks \['y_true'\]"),
+    ({"y_true": np.zeros(4, int), "y_score": np.zeros((3, 3))}, r"y_score has shape \(3, 3\)"),
+    ({"y_true": np.zeros(4, int), "y_score": np.zeros((4, 3)), "group__sex": np.array(["F"])},
+     r"group__sex has shape \(1,\)"),
+    ({"y_true": np.zeros(4, int), "y_score": np.zeros((4, 2))}, r"y_score \(4, 2\).*implies "
+                                                                 r"multiclass.*\[N, 3\]"),
+])
+def test_inconsistent_predictions_file_is_named(tmp_path, arrays, match):
+    run_io.record_variant(tmp_path, "private", task="multiclass", class_names=CLASSES,
+                          private=True, epsilon=1.0, delta=1e-5, test_accuracy=0.0)
+    npz = tmp_path / "predictions" / "private.npz"
+    npz.parent.mkdir()
+    np.savez(npz, **arrays)
+    with pytest.raises(run_io.RunDirError, match=match) as info:
+        run_io.read_run_dir(tmp_path)
+    assert str(npz) in str(info.value) and "re-run" in str(info.value)
+
+
+def test_missing_run_files_are_named(tmp_path):
+    dirs, *_ = _write_runs(tmp_path, {1.0: (0.8, 0.8), 8.0: (0.8, 0.8)})
+    # The parent of the run directories instead of the run directories themselves.
+    with pytest.raises(run_io.MissingRunFileError, match="contains run directories") as info:
+        run_io.read_run_dir(tmp_path)
+    assert all(d in str(info.value) for d in dirs)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_io.read_run_dir(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a finished training run directory"):
+        run_io.read_run_dir(tmp_path / "empty")
+    metrics = tmp_path / "eps8" / "metrics.json"
+    metrics.write_text(metrics.read_text()[:40])
+    with pytest.raises(run_io.RunDirError, match=f"{metrics} is not valid JSON.*re-run"):
+        run_io.read_run_dir(tmp_path / "eps8")
+    for npz in (tmp_path / "eps1" / "predictions").glob("*.npz"):
+        npz.unlink()
+    (tmp_path / "eps1" / "predictions").rmdir()
+    with pytest.raises(run_io.MissingRunFileError,
+                       match="has no predictions/ directory.*--workdir=") as info:
+        evaluate.evaluate(dirs, tmp_path / "out", num_bootstrap=10)
+    assert str(tmp_path / "eps1" / "predictions" / "non_private.npz") in str(info.value)
+
+
+def test_command_line_reports_a_bad_file_without_traceback(tmp_path):
+    dirs, *_ = _write_runs(tmp_path, {1.0: (0.8, 0.8)})
+    npz = tmp_path / "eps1" / "predictions" / "non_private.npz"
+    _truncate(npz, keep=0.9)
+    cmd = [sys.executable, "-m", "experiments.evaluate", f"--run_dirs={dirs[0]},",
+           f"--out_dir={tmp_path / 'out'}", "--num_bootstrap=10"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert f"experiments.evaluate: error: cannot read predictions file {npz}" in proc.stderr
