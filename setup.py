@@ -12,6 +12,9 @@ TF_PRIVACY_REQUIREMENT = "tensorflow-privacy==0.9.0"  # installed --no-deps by t
 
 INSTALL_REQUIRES = [
     "tensorflow==2.21.*",
+    # TensorFlow 2.21 does not install TensorBoard, which keras.callbacks.TensorBoard needs;
+    # TensorBoard is released in step with TensorFlow (2.21.x for 2.21).
+    "tensorboard==2.21.*",
     "keras>=3.12,<4",
     "dp-accounting>=0.6,<0.7",
     "tensorflow-datasets>=4.9.10,<5",
@@ -26,10 +29,17 @@ INSTALL_REQUIRES = [
     "openpyxl>=3.1",
 ]
 
+# The published NFNet checkpoints (F{n}_haiku.npz) are dill pickles: reading them with
+# allow_pickle=True needs dill (tfdpfair.models.pretrained). dill >= 0.3.6 supports Python 3.11.
+CHECKPOINTS_REQUIRES = [
+    "dill>=0.3.6,<0.5",
+]
+
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-timeout>=2.3",
     "fairlearn>=0.12",
+    *CHECKPOINTS_REQUIRES,  # the pickled-checkpoint tests
 ]
 
 setup(
@@ -42,7 +52,11 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["tfdpfair", "tfdpfair.*", "experiments", "experiments.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES, "tfprivacy": [TF_PRIVACY_REQUIREMENT]},
+    extras_require={
+        "test": TEST_REQUIRES,
+        "checkpoints": CHECKPOINTS_REQUIRES,
+        "tfprivacy": [TF_PRIVACY_REQUIREMENT],
+    },
     entry_points={
         "console_scripts": [
             "tfdpfair-epsilon=tfdpfair.privacy.epsilon_cli:run",

@@ -106,11 +106,40 @@ def test_scaled_activations_have_unit_variance():
         layers.scaled_gelu(tf.constant(x)).numpy(), 1.7015043497085571 * tanh_gelu,
         rtol=1e-5, atol=1e-6)
     assert np.var(1.7015043497085571 * tanh_gelu) == pytest.approx(1.0, abs=0.01)
-    relu_gamma = math.sqrt(2 / (1 - 1 / math.pi))
-    assert layers.RELU_GAMMA == pytest.approx(relu_gamma, rel=1e-12)
     relu = layers.scaled_relu(tf.constant(x)).numpy()
-    np.testing.assert_allclose(relu, relu_gamma * np.maximum(x, 0), rtol=1e-6)
+    np.testing.assert_allclose(relu, DEEPMIND_RELU_GAMMA * np.maximum(x, 0), rtol=1e-6)
     assert np.var(relu) == pytest.approx(1.0, abs=0.01)
+
+
+DEEPMIND_RELU_GAMMA = 1.7139588594436646  # deepmind-research/nfnets/base.py, `nonlinearities`
+
+
+def gaussian_moment(f, power):
+    """E[f(x)^power] for x ~ N(0, 1), by adaptive quadrature."""
+    from scipy import integrate  # noqa: PLC0415
+
+    density = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    value, _ = integrate.quad(lambda x: f(x) ** power * density(x), -40, 40, points=[0.0],
+                              epsabs=1e-13, epsrel=1e-12, limit=200)
+    return value
+
+
+def test_relu_gamma_is_the_reference_constant_not_the_analytic_one():
+    """We ship DeepMind's γ_relu (what the published checkpoints were trained with). The exact
+    1/sqrt(Var[relu(x)]) is sqrt(2/(1 − 1/π)); the reference value is 0.064% larger."""
+    relu = lambda x: max(x, 0.0)  # noqa: E731
+    variance = gaussian_moment(relu, 2) - gaussian_moment(relu, 1) ** 2
+    exact = 1 / math.sqrt(variance)
+    assert exact == pytest.approx(math.sqrt(2 / (1 - 1 / math.pi)), rel=1e-10)
+    assert DEEPMIND_RELU_GAMMA / exact - 1 == pytest.approx(6.42e-4, abs=0.02e-4)
+    assert layers.RELU_GAMMA == DEEPMIND_RELU_GAMMA
+    x = np.random.RandomState(1).randn(1_000_000).astype(np.float32)
+    expected = np.float32(DEEPMIND_RELU_GAMMA) * np.maximum(x, 0)
+    for out in (layers.scaled_relu(tf.constant(x)), layers.ScaledActivation("relu")(x),
+                layers.scaled_activation("relu", tf.constant(x))):
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-7)  # 6e-4 would show
+    # Var(γ_ref · relu(x)) = (γ_ref/γ_exact)² ≈ 1.0013: unit variance within sampling error.
+    assert np.var(expected.astype(np.float64)) == pytest.approx(1.0, abs=0.01)
 
 
 def test_squeeze_excite_matches_numpy():

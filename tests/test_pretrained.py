@@ -1,6 +1,7 @@
 """Loading Haiku-named NFNet checkpoints (the published F{n}_haiku.npz naming)."""
 
-import pickle
+import importlib.metadata
+import sys
 
 import numpy as np
 import pytest
@@ -142,14 +143,21 @@ def test_grayscale_model_matches_rgb_model_on_grey_images():
     np.testing.assert_allclose(gray(x).numpy(), expected, rtol=1e-3, atol=1e-4)
 
 
-def test_pickled_tree_needs_explicit_permission(nano, tmp_path):
+def write_pickled_tree(model, path, seed=3):
+    """A nested {module: {param: array}} tree written with dill, like the published files."""
+    dill = pytest.importorskip("dill")  # in the `checkpoints` and `test` extras
     nested = {}
-    for key, value in random_checkpoint(nano, seed=3).items():
+    for key, value in random_checkpoint(model, seed=seed).items():
         module, _, param = key.rpartition("/")
         nested.setdefault(module, {})[param] = value
-    path = tmp_path / "F0_haiku.npz"  # the published files are pickles despite the name
     with open(path, "wb") as f:
-        pickle.dump(nested, f)
+        dill.dump(nested, f)
+    return nested
+
+
+def test_pickled_tree_needs_explicit_permission(nano, tmp_path):
+    path = tmp_path / "F0_haiku.npz"  # the published files are pickles despite the name
+    nested = write_pickled_tree(nano, path)
     with pytest.raises(CheckpointError, match="allow_pickle"):
         pretrained.load_haiku_checkpoint(nano, path)
     pretrained.load_haiku_checkpoint(nano, path, allow_pickle=True)
@@ -157,3 +165,23 @@ def test_pickled_tree_needs_explicit_permission(nano, tmp_path):
                                   nested["NFNet/~/stem_conv3"]["bias"])
     with pytest.raises(CheckpointError, match="does not exist"):
         pretrained.load_haiku_checkpoint(nano, tmp_path / "nope.npz")
+
+
+def test_pickle_without_dill_names_the_checkpoints_extra(nano, tmp_path, monkeypatch):
+    path = tmp_path / "F0_haiku.npz"
+    write_pickled_tree(nano, path)
+    before = nano.get_layer("stem_conv0").kernel.numpy().copy()
+    monkeypatch.setitem(sys.modules, "dill", None)  # `import dill` now raises ImportError
+    with pytest.raises(CheckpointError, match=r"pip install 'tfdpfair\[checkpoints\]'"):
+        pretrained.load_haiku_checkpoint(nano, path, allow_pickle=True)
+    np.testing.assert_array_equal(nano.get_layer("stem_conv0").kernel.numpy(), before)
+    # Without allow_pickle the error is about permission first, and also names the extra.
+    with pytest.raises(CheckpointError, match=r"allow_pickle.*tfdpfair\[checkpoints\]"):
+        pretrained.load_haiku_checkpoint(nano, path)
+
+
+def test_checkpoints_extra_installs_dill():
+    metadata = importlib.metadata.metadata("tfdpfair")
+    assert "checkpoints" in metadata.get_all("Provides-Extra")
+    requirements = metadata.get_all("Requires-Dist")
+    assert any(r.startswith("dill") and 'extra == "checkpoints"' in r for r in requirements)

@@ -17,8 +17,9 @@ without transposition. Accepted inputs: an ``.npz`` whose keys are "<module path
 (e.g. "NFNet/~/nf_block_3/~/conv0/w") or dotted ("NFNet.nf_block_3.conv0.w", the flat form
 of the authors' ``flatten_haiku_tree``); a nested mapping already in memory; or, with
 ``allow_pickle=True`` and for trusted files only, the original pickled tree (the published
-files are dill pickles of Haiku objects; unpickling runs code from the file and needs the
-packages it references, e.g. dm-haiku and jax, to be importable).
+files are dill pickles of Haiku objects; unpickling runs code from the file, needs dill, from
+the optional extra ``pip install 'tfdpfair[checkpoints]'``, and needs the packages the pickle
+references, e.g. dm-haiku and jax, to be importable).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pickle
 from typing import Any, Iterable, Literal, Mapping
 
 import keras
@@ -39,12 +39,18 @@ _CONV_PARAMS = {"w": "kernel", "gain": "gain", "bias": "bias"}
 _BLOCK_CONVS = ("conv0", "conv1", "conv1b", "conv2", "conv_shortcut")
 HEAD_PREFIX = "linear/"
 
-_CONVERT_HINT = (
+CHECKPOINTS_EXTRA = "pip install 'tfdpfair[checkpoints]'"
+"""Installs dill, needed to unpickle the published checkpoints (``allow_pickle=True``)."""
+
+_CONVERT_STEPS = (
     "Convert it once, where dm-haiku, jax and dill are installed, with:\n"
     "  params = dill.load(open('F0_haiku.npz', 'rb'))\n"
     "  np.savez('F0_flat.npz', **{f'{m}/{p}': np.asarray(v) for m in params "
-    "for p, v in params[m].items()})\n"
-    "or pass allow_pickle=True for a file you trust."
+    "for p, v in params[m].items()})"
+)
+_CONVERT_HINT = (
+    _CONVERT_STEPS + f"\nor pass allow_pickle=True for a file you trust (needs dill: "
+    f"{CHECKPOINTS_EXTRA})."
 )
 
 
@@ -82,14 +88,21 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]
 
 
 def _load_pickle(path: str) -> Mapping[str, Any]:
-    """Unpickles a (trusted) Haiku tree, with dill if installed (it was written with dill)."""
+    """Unpickles a (trusted) Haiku tree with dill, which wrote the published files.
+
+    dill comes with the optional extra: ``pip install 'tfdpfair[checkpoints]'``.
+    """
     try:
-        import dill as loader  # noqa: PLC0415 (optional dependency)
-    except ImportError:
-        loader = pickle
+        import dill  # noqa: PLC0415 (optional dependency)
+    except ImportError as e:
+        raise CheckpointError(
+            f"'{path}' is not a plain .npz archive, so it is read as a pickle (the published "
+            "F{n}_haiku.npz files are dill pickles), which needs dill: it is not installed. "
+            f"Install the optional extra: {CHECKPOINTS_EXTRA}. Alternatively, make a plain "
+            ".npz elsewhere. " + _CONVERT_STEPS) from e
     try:
         with open(path, "rb") as f:
-            return loader.load(f)
+            return dill.load(f)
     except (ModuleNotFoundError, AttributeError) as e:
         raise CheckpointError(
             f"Unpickling '{path}' needs a package that is not importable here ({e}). "

@@ -24,15 +24,26 @@ Layers refused:
 Layers that normalise one example at a time (GroupNormalization, LayerNormalization,
 UnitNormalization, RMSNormalization, our NFNet layers) are safe, as is the adapted
 ``Normalization`` preprocessing layer (fixed statistics).
+
+The checks above are a deny-list of known layers. :func:`check_training_call_is_stateless` is
+a behavioural second line of defence: it runs one training-mode call on a random batch and
+refuses the model if any variable changed (custom running statistics, a BN the deny-list did
+not recognise), since such state is computed from private data without noise and ships with
+the model. Keras random layers' seed-generator states are exempt.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Callable, Iterator
+from typing import Any, Sequence
 
 import keras
+import numpy as np
+
+from tfdpfair.models.group_norm import (  # noqa: F401 (re-exported)
+    GroupNormChange, GroupNormReport, replace_batch_norm_with_group_norm)
+from tfdpfair.models.layer_paths import (  # noqa: F401 (re-exported)
+    format_names, is_batch_norm, iter_layers_with_paths)
 
 BN_FIX = (
     "replace it with GroupNormalization (tfdpfair.models.validate."
@@ -50,7 +61,8 @@ _BATCH_MIXING_AUGMENTATIONS = ("MixUp", "CutMix", "Mosaic")
 
 
 class DPIncompatibleModelError(ValueError):
-    """The model mixes examples in training mode, so per-example clipping bounds nothing."""
+    """The model is unsafe for DP-SGD: it mixes examples in training mode (so per-example
+    clipping bounds nothing), or it updates state from the training batch without noise."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,44 +86,6 @@ class ExampleMixingLayer:
     def describe(self) -> str:
         """One human-readable line: path, class, reason and fix."""
         return f"{self.path} ({self.class_name}): {self.reason}; fix: {self.fix}."
-
-
-def _child_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
-    """Direct sub-layers of ``layer`` (layers of a model, or layers tracked by a custom layer)."""
-    if hasattr(layer, "_flatten_layers"):
-        return list(layer._flatten_layers(include_self=False, recursive=False))
-    return list(getattr(layer, "layers", []))
-
-
-def iter_layers_with_paths(
-    model: keras.layers.Layer, prefix: str = ""
-) -> Iterator[tuple[str, keras.layers.Layer]]:
-    """Yields (path, layer) for every layer inside ``model``, depth first, nested models too.
-
-    Each layer object is yielded once, under the first path it is found at (shared layers).
-    """
-    seen: set[int] = set()
-
-    def walk(layer: keras.layers.Layer, path: str):
-        for child in _child_layers(layer):
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            child_path = f"{path}/{child.name}" if path else child.name
-            yield child_path, child
-            yield from walk(child, child_path)
-
-    root = prefix or model.name
-    yield from walk(model, root)
-
-
-def is_batch_norm(layer: keras.layers.Layer) -> bool:
-    """True for Keras BatchNormalization and batch-norm-like layers (by class or moving stats)."""
-    if isinstance(layer, keras.layers.BatchNormalization):
-        return True
-    if "BatchNorm" in type(layer).__name__:
-        return True
-    return hasattr(layer, "moving_mean") and hasattr(layer, "moving_variance")
 
 
 def _classify(layer: keras.layers.Layer) -> tuple[str, str] | None:
@@ -152,16 +126,34 @@ def find_example_mixing_layers(model: keras.layers.Layer) -> list[ExampleMixingL
     return found
 
 
+def _describe_offenders(offenders: list[ExampleMixingLayer]) -> str:
+    """Offenders grouped by (reason, fix): each reason and fix once, at most 10 paths each."""
+    groups: dict[tuple[str, str], list[ExampleMixingLayer]] = {}
+    for offender in offenders:
+        groups.setdefault((offender.reason, offender.fix), []).append(offender)
+    parts = []
+    for (reason, fix), members in groups.items():
+        names = [f"{o.path} ({o.class_name})" for o in members]
+        parts.append(f"{len(members)} layer(s): {reason}:\n{format_names(names)}\n"
+                     f"  Fix: {fix}.")
+    return "\n".join(parts)
+
+
 def check_dp_compatible(model: keras.layers.Layer) -> None:
-    """Raises :class:`DPIncompatibleModelError` listing every example-mixing layer, if any."""
+    """Raises :class:`DPIncompatibleModelError` naming the example-mixing layers, if any.
+
+    The message gives each reason and fix once, with the paths of the offending layers (the
+    first 10 of each kind, then "... and N more"; all of them are in
+    :func:`find_example_mixing_layers`).
+    """
     offenders = find_example_mixing_layers(model)
     if not offenders:
         return
-    lines = "\n".join(f"  - {o.describe()}" for o in offenders)
     raise DPIncompatibleModelError(
         f"Model '{model.name}' is not compatible with DP-SGD: {len(offenders)} layer(s) make an "
         "example's training-mode output depend on other examples, so per-example gradient "
-        f"clipping would not bound any single example's influence:\n{lines}"
+        f"clipping would not bound any single example's influence.\n"
+        f"{_describe_offenders(offenders)}"
     )
 
 
@@ -183,105 +175,170 @@ def freeze_batch_norm(model: keras.layers.Layer) -> int:
     return count
 
 
-def _num_groups(channels: int, groups: int) -> int:
-    """Largest g ≤ ``groups`` that divides ``channels`` (GroupNorm needs channels % g == 0)."""
-    for g in range(min(groups, channels), 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
+STATE_FIX = (
+    "make the layer stateless (compute what it needs from the current example only); or "
+    "compute the statistic once on public data and store it as a constant that call() never "
+    "assigns. Freezing (layer.trainable = False) only helps Keras BatchNormalization-like "
+    "layers, which switch to inference mode when frozen; it does not stop a custom layer whose "
+    "call() assigns its variables"
+)
+PROBE_BATCH_SIZE = 2
+PROBE_SEED = 1234
+"""The probe batch: PROBE_BATCH_SIZE examples drawn from N(0, 1) with this numpy seed."""
+
+ShapeArg = tuple[int, ...] | Sequence[tuple[int, ...]] | None
 
 
-def _group_norm_like(bn: keras.layers.Layer, groups: int) -> keras.layers.Layer:
-    """A GroupNormalization with the same axis/epsilon/center/scale as ``bn``."""
-    axis = bn.axis[0] if isinstance(bn.axis, (list, tuple)) else bn.axis
-    channels = None
-    if bn.built and getattr(bn, "gamma", None) is not None:
-        channels = int(bn.gamma.shape[0])
-    elif bn.built and getattr(bn, "moving_mean", None) is not None:
-        channels = int(bn.moving_mean.shape[0])
-    if channels is None:
-        raise ValueError(f"Batch-norm layer '{bn.name}' is not built; build the model first.")
-    return keras.layers.GroupNormalization(
-        groups=_num_groups(channels, groups),
-        axis=axis,
-        epsilon=getattr(bn, "epsilon", 1e-3),
-        center=getattr(bn, "center", True),
-        scale=getattr(bn, "scale", True),
-        name=f"{bn.name}_gn",
-    )
+def _probe_shapes(model: keras.Model, input_shape: ShapeArg) -> list[tuple[int, ...]]:
+    """Per-example shape of every model input (from ``input_shape`` or ``model.inputs``)."""
+    symbolic = getattr(model, "inputs", None)
+    if input_shape is None:
+        if not symbolic:
+            raise ValueError(
+                f"Model '{model.name}' has no symbolic inputs (subclassed model?): pass "
+                "input_shape=, the shape of one example without the batch dimension.")
+        shapes = [tuple(t.shape[1:]) for t in symbolic]
+        if any(d is None for shape in shapes for d in shape):
+            raise ValueError(
+                f"Model '{model.name}' has unknown input dimensions {shapes}: pass "
+                "input_shape=, the shape of one example without the batch dimension, e.g. "
+                "(32, 32, 3) (a list of shapes for several inputs).")
+        return shapes
+    flat = all(d is None or isinstance(d, (int, np.integer)) for d in input_shape)
+    shapes = [tuple(input_shape)] if flat else [tuple(shape) for shape in input_shape]
+    if any(d is None for shape in shapes for d in shape):
+        raise ValueError(f"input_shape must be fully known (no None), got {input_shape}.")
+    shapes = [tuple(int(d) for d in shape) for shape in shapes]
+    if symbolic and len(shapes) != len(symbolic):
+        raise ValueError(f"Model '{model.name}' has {len(symbolic)} inputs but "
+                         f"{len(shapes)} input shapes were given.")
+    return shapes
 
 
-def _copy_weights(pairs: list[tuple[keras.layers.Layer, keras.layers.Layer]]) -> None:
-    """Copies weights old→new; for BN→GN only γ and β (batch statistics have no GN analogue)."""
-    for old, new in pairs:
-        if isinstance(new, keras.layers.GroupNormalization) and is_batch_norm(old):
-            if getattr(old, "gamma", None) is not None and new.gamma is not None:
-                new.gamma.assign(old.gamma)
-            if getattr(old, "beta", None) is not None and new.beta is not None:
-                new.beta.assign(old.beta)
-        elif old.weights and len(old.weights) == len(new.weights):
-            new.set_weights(old.get_weights())
+def _probe_batch(model: keras.Model, input_shape: ShapeArg, dtype: str) -> Any:
+    """A seeded random batch (not derived from any data) in the model's input structure.
+
+    Float inputs get N(0, 1) values cast to ``dtype``; integer/bool inputs (e.g. token ids)
+    get 0/1 values of their own dtype.
+    """
+    shapes = _probe_shapes(model, input_shape)
+    symbolic = getattr(model, "inputs", None) or [None] * len(shapes)
+    rng = np.random.default_rng(PROBE_SEED)
+    arrays = []
+    for shape, tensor in zip(shapes, symbolic):
+        full = (PROBE_BATCH_SIZE, *shape)
+        own = str(tensor.dtype) if tensor is not None else str(dtype)
+        if own.startswith(("int", "uint", "bool")):
+            arrays.append(rng.integers(0, 2, full).astype(own))
+        else:
+            arrays.append(rng.standard_normal(full).astype(dtype))
+    try:
+        structure = model.input  # a tensor, list or dict of the functional inputs
+    except (AttributeError, ValueError):  # subclassed, or a Sequential never called
+        structure = None
+    if structure is not None:
+        return keras.tree.pack_sequence_as(structure, arrays)
+    return arrays[0] if len(arrays) == 1 else arrays
 
 
-def replace_batch_norm_with_group_norm(
-    model: keras.Model, groups: int = 16, copy_weights: bool = True
-) -> keras.Model:
-    """Rebuilds a Sequential/functional model with every BN replaced by GroupNormalization.
+def _owners(model: keras.Model) -> dict[int, tuple[str, keras.layers.Layer]]:
+    """id(weight) → (path, layer) of the innermost layer owning it."""
+    owners: dict[int, tuple[str, keras.layers.Layer]] = {}
+    for path, layer in [(model.name, model)] + list(iter_layers_with_paths(model)):
+        for weight in layer.weights:  # parents come first: children overwrite them
+            owners[id(weight)] = (path, layer)
+    return owners
 
-    GroupNorm normalises each example over (H, W, C/g) within each of g channel groups, so it
-    never mixes examples. ``g`` is the largest divisor of the channel count not above ``groups``.
-    Nested Sequential/functional models (e.g. keras.applications backbones) are rebuilt too.
 
-    Args:
-      model: a built Sequential or functional model (subclassed models cannot be rebuilt).
-      groups: the preferred number of groups.
-      copy_weights: copy all other weights, and BN's γ/β into GroupNorm's γ/β.
+def _seed_state_ids(model: keras.Model) -> set[int]:
+    """ids of the state variables of every keras.random.SeedGenerator in the model.
+
+    Keras' own random layers (Dropout, RandomFlip, GaussianNoise, …) advance a SeedGenerator
+    state on every training call without looking at the data. Keras lists these states in
+    ``variables`` but not in ``weights``; the layers' tracked generators are added too.
+    """
+    ids = {id(v) for v in model.variables} - {id(v) for v in model.weights}
+    for _, layer in [(model.name, model)] + list(iter_layers_with_paths(model)):
+        for generator in getattr(layer, "_seed_generators", ()):
+            ids.add(id(generator.state))
+    return ids
+
+
+def _snapshot(variables: list[Any]) -> list[np.ndarray]:
+    return [np.array(keras.ops.convert_to_numpy(v), copy=True) for v in variables]
+
+
+def _changed_layers(model: keras.Model, batch: Any) -> dict[str, tuple[keras.layers.Layer, list]]:
+    """Runs ``model(batch, training=True)`` once and restores every variable afterwards.
 
     Returns:
-      A new model; the original is unchanged.
+      {layer path: (layer, [names of its changed variables])} for the non-RNG variables
+      (trainable or not) whose bytes differ after the call.
     """
-    if not isinstance(model, keras.Sequential) and not _is_functional(model):
-        raise TypeError(
-            f"Cannot rebuild subclassed model '{model.name}' ({type(model).__name__}); replace "
-            "its BatchNormalization layers with GroupNormalization in its code, or freeze them "
-            "with freeze_batch_norm(model)."
-        )
-    pairs: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
-    clone_fn = _make_clone_fn(groups, pairs)
-    call_fn = None if isinstance(model, keras.Sequential) else _call_with_supported_kwargs
-    new_model = keras.models.clone_model(
-        model, clone_function=clone_fn, call_function=call_fn, recursive=True)
-    if copy_weights:
-        _copy_weights(pairs)
-    return new_model
+    if not model.built:
+        model(batch, training=False)  # creates the variables; changes no state
+    variables = list({id(v): v for v in model.variables}.values())
+    before = _snapshot(variables)
+    try:
+        model(batch, training=True)
+        after = _snapshot(variables)
+    finally:
+        for variable, value in zip(variables, before):
+            variable.assign(value)
+    skip, owners = _seed_state_ids(model), _owners(model)
+    changed: dict[str, tuple[keras.layers.Layer, list]] = {}
+    for variable, old, new in zip(variables, before, after):
+        if id(variable) in skip or (old.shape == new.shape and old.tobytes() == new.tobytes()):
+            continue
+        path, layer = owners.get(id(variable), (model.name, model))
+        changed.setdefault(path, (layer, []))[1].append(variable.name)
+    return changed
 
 
-def _is_functional(model: keras.layers.Layer) -> bool:
-    """True for functional-API models (they have a graph of inputs and outputs)."""
-    return isinstance(model, keras.Model) and hasattr(model, "_operations") and hasattr(
-        model, "_inputs_struct")
+def check_training_call_is_stateless(
+    model: keras.Model,
+    input_shape: tuple[int, ...] | Sequence[tuple[int, ...]] | None = None,
+    dtype: str = "float32",
+) -> None:
+    """Behavioural check: one training-mode call must not change the model's state.
 
+    :func:`check_dp_compatible` recognises known layers; this probe catches any layer, custom
+    ones included, that updates a variable in training mode (e.g. a running mean
+    ``self.mean.assign(0.9 * self.mean + 0.1 * ops.mean(x))``, or a trainable BatchNorm's
+    moving statistics). Such state is computed from the private batch without clipping or
+    noise and ships with the model, outside the DP guarantee.
 
-def _call_with_supported_kwargs(layer: keras.layers.Layer, *args, **kwargs):
-    """Calls ``layer`` dropping recorded call kwargs its ``call`` does not accept (e.g. BN's
-    ``mask`` when the layer is now a GroupNormalization)."""
-    params = inspect.signature(layer.call).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return layer(*args, **kwargs)
+    The probe snapshots every variable, runs ONE ``model(batch, training=True)`` on a seeded
+    random batch of PROBE_BATCH_SIZE examples (public noise, never data), compares, and
+    restores the snapshot, so the model's weights are bit-identical afterwards. The
+    SeedGenerator states of Keras random layers (Dropout, RandomFlip, …) advance without
+    touching data and are ignored (but restored too). Layers drawing from TensorFlow's global
+    random state (our PerExampleDropout, StochasticDepth) advance it as any training call
+    would. A layer whose updates do not depend on the data (e.g. SpectralNormalization's
+    power iteration) is refused too: the probe cannot tell the difference.
 
+    Args:
+      model: a Keras model (functional, Sequential or subclassed).
+      input_shape: the shape of one example, without the batch dimension (a list of shapes
+        for a model with several inputs). Default: ``model.inputs``; required when those have
+        unknown dimensions or the model has no symbolic inputs.
+      dtype: dtype of the float inputs (integer inputs keep their own dtype and get 0/1).
 
-def _make_clone_fn(
-    groups: int, pairs: list[tuple[keras.layers.Layer, keras.layers.Layer]]
-) -> Callable[[keras.layers.Layer], keras.layers.Layer]:
-    """clone_function for keras.models.clone_model that swaps BN for GN and records pairs."""
-
-    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
-        if is_batch_norm(layer):
-            new = _group_norm_like(layer, groups)
-        else:
-            new = layer.__class__.from_config(layer.get_config())
-        pairs.append((layer, new))
-        return new
-
-    return clone
+    Raises:
+      ValueError: the input shape is unknown (pass ``input_shape``).
+      DPIncompatibleModelError: some variable changed; names each layer once, the fixes once.
+    """
+    changed = _changed_layers(model, _probe_batch(model, input_shape, dtype))
+    if not changed:
+        return
+    names = [f"{path} ({type(layer).__name__}): {', '.join(variables)}"
+             for path, (layer, variables) in changed.items()]
+    bn_note = ""
+    if any(is_batch_norm(layer) for layer, _ in changed.values()):
+        bn_note = f"\nFor batch normalisation: {BN_FIX}."
+    raise DPIncompatibleModelError(
+        f"Model '{model.name}' is not compatible with DP-SGD: one training-mode call on a "
+        f"random batch changed the variables of {len(changed)} layer(s). State updated from "
+        "the training batch (e.g. a running mean) is computed without clipping or noise and "
+        "ships with the model, outside the privacy guarantee:\n"
+        f"{format_names(names)}\nFix: {STATE_FIX}.{bn_note}")
