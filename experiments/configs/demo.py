@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.dp.enabled = True
     config.dp.target_epsilon = 4.0
     config.dp.noise_multiplier = config_dict.placeholder(float)  # None: calibrated from ε
-    config.dp.delta = config_dict.placeholder(float)  # None: 1/N
+    config.dp.delta = config_dict.placeholder(float)  # None: N^-1.1 (accounting.default_delta)
     config.dp.accountant = "rdp"
     config.dp.l2_norm_clip = 1.0
     config.dp.rescale_to_unit_norm = True

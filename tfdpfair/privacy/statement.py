@@ -7,6 +7,8 @@ import textwrap
 
 from tfdpfair.privacy.accounting import PrivacyPlan
 
+LARGE_EPSILON = 10.0  # above this, the statement says the guarantee is weak.
+
 
 def privacy_statement(plan: PrivacyPlan, steps_taken: int | None = None) -> str:
     """Explains, without jargon where possible, the (ε, δ) guarantee of a run.
@@ -38,7 +40,23 @@ def privacy_statement(plan: PrivacyPlan, steps_taken: int | None = None) -> str:
     published outside the training run (e.g. training loss curves or the subgroup report on
     private data), or hyper-parameters tuned on the private data.
     """
-    return textwrap.dedent(text).strip()
+    caveats = [textwrap.fill(line, width=92) for line in _caveats(plan, eps)]
+    return "\n\n".join([textwrap.dedent(text).strip(), *caveats])
+
+
+def _caveats(plan: PrivacyPlan, eps: float) -> list[str]:
+    """Plain-language warnings about a weak δ (>= 1/N) or a large ε (> 10)."""
+    lines = []
+    if plan.delta >= 1.0 / plan.num_examples:
+        lines.append(
+            f"Caution: δ = {plan.delta:.3g} is at least 1/N = {1.0 / plan.num_examples:.3g}, so "
+            "this guarantee cannot rule out that one whole training record is leaked (releasing "
+            "one random record in the clear already satisfies it).")
+    if eps > LARGE_EPSILON:
+        lines.append(
+            f"Caution: at ε = {eps:.3g} the factor e^ε = {_exp(eps):.3g} is so large that the "
+            "guarantee gives little meaningful protection against membership inference.")
+    return lines
 
 
 def _exp(x: float) -> float:
