@@ -2,8 +2,9 @@
 
 One logical step of B examples (B/m micro-batches of m for DP: per-example gradients, clipping,
 accumulation, noise, optimizer update) against one non-private step on the same B examples
-(mean-gradient backward pass, optimizer update). Both are compiled tf.functions, timed in the
-same process, alternating, after warm-up; the ratio is the number to compare across machines.
+(mean-gradient backward pass, optimizer update). DP is timed through DPModel.fit (one logical
+step per Keras batch, including the host's ε update), the baseline through train_on_batch, in
+the same process after warm-up; the ratio is the number to compare across machines.
 
   python benchmarks/dp_step_time.py [--model nfnet_nano] [--image-size 8] [--batch 256]
 """
@@ -27,6 +28,20 @@ from experiments import model_factory  # noqa: E402
 from tfdpfair.data.demo import load_demo_data  # noqa: E402
 from tfdpfair.privacy.dp_sgd import DPConfig  # noqa: E402
 from tfdpfair.training.dp_model import make_private  # noqa: E402
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of every fit() batch (one logical step each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.times, self._start = [], 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
 
 
 def main() -> None:
@@ -55,29 +70,18 @@ def main() -> None:
         expected_batch_size=args.batch, micro_batch_size=args.micro_batch,
         noise_multiplier=1.0, noise_seed=0, sampling_seed=0))
     dp.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
-    dp.prepare(len(data.private), steps=10**6)
-    num_micro = args.batch // args.micro_batch
-    micro = [(tf.constant(x[k::num_micro]), tf.constant(y[k::num_micro]),
-              tf.ones([args.micro_batch]), tf.constant(k == num_micro - 1))
-             for k in range(num_micro)]
-    dp_step = tf.function(dp.train_step)
+    # N = B, so q = 1: every logical step holds all B examples (B/m micro-batches), like the
+    # non-private step on the same B examples. Each Keras batch of fit() is one logical step.
+    timer = StepTimer()
+    dp.fit(x, y, steps=args.repeats + 2, verbose=0, callbacks=[timer])
+    dp_times = timer.times[2:]  # the first calls trace and warm up
 
-    def run_dp():
-        for batch in micro:
-            out = dp_step(batch)
-        return out["loss"].numpy()
-
-    def run_plain():
-        return plain.train_on_batch(x, y)
-
-    dp_times, plain_times = [], []
-    for fn, times in ((run_dp, dp_times), (run_plain, plain_times)):
-        fn(), fn()  # trace and warm up
+    plain_times = []
+    plain.train_on_batch(x, y), plain.train_on_batch(x, y)
     for _ in range(args.repeats):
-        for fn, times in ((run_dp, dp_times), (run_plain, plain_times)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        plain.train_on_batch(x, y)
+        plain_times.append(time.perf_counter() - start)
     dp_s, plain_s = statistics.median(dp_times), statistics.median(plain_times)
     print(json.dumps({
         "benchmark": "dp_step_time", "model": args.model, "image_size": args.image_size,

@@ -19,6 +19,7 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -34,6 +35,26 @@ _CONFIG = config_flags.DEFINE_config_file(  # default: the packaged demo, from a
     "config", str(pathlib.Path(__file__).resolve().parent / "configs" / "demo.py"),
     "Experiment configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Directory for the run's outputs.")
+_STRATEGY = flags.DEFINE_enum(
+    "strategy", "default", ["default", "mirrored", "multiworker", "tpu"],
+    "tf.distribute strategy of the DP fine-tuning: default (one device), mirrored (all local "
+    "devices), multiworker (hosts from TF_CONFIG), tpu (--tpu).")
+_TPU = flags.DEFINE_string("tpu", "local", "TPU name or address for --strategy=tpu "
+                           "('local' on a Cloud TPU VM).")
+
+
+def make_strategy(name: str, tpu: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy named by --strategy (see README, "Distributed training")."""
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    return tf.distribute.get_strategy()
 
 
 def log(message: str) -> None:
@@ -85,8 +106,22 @@ def fresh_copy(config, data: DemoData, pretrained: keras.Model) -> keras.Model:
     return model
 
 
-def dp_finetune(config, data: DemoData, pretrained: keras.Model):
-    """DP-SGD fine-tuning on the private split; returns (model, DPModel)."""
+def dp_finetune(config, data: DemoData, pretrained: keras.Model,
+                strategy: tf.distribute.Strategy):
+    """DP-SGD fine-tuning on the private split under ``strategy``; returns (model, DPModel)."""
+    with strategy.scope():
+        model, private = _make_private_model(config, data, pretrained)
+    dp = config.dp
+    plan = private.prepare(len(data.private), epochs=dp.epochs)
+    log(f"DP fine-tuning on N = {plan.num_examples} private examples over "
+        f"{strategy.num_replicas_in_sync} replica(s): σ = {plan.noise_multiplier:.4f}, "
+        f"q = {plan.sampling_rate:.4f}, T = {plan.steps} steps, δ = {plan.delta:.3g}, "
+        f"planned ε = {plan.epsilon():.3f} ({plan.accountant})")
+    private.fit(data.private.images, data.private.labels, verbose=2)
+    return model, private
+
+
+def _make_private_model(config, data: DemoData, pretrained: keras.Model):
     model = fresh_copy(config, data, pretrained)
     dp = config.dp
     dp_config = DPConfig(
@@ -96,12 +131,8 @@ def dp_finetune(config, data: DemoData, pretrained: keras.Model):
         rescale_to_unit_norm=dp.rescale_to_unit_norm, augmult=dp.augmult,
         noise_seed=dp.noise_seed, sampling_seed=dp.sampling_seed)
     private = make_private(model, dp_config)
-    private.compile(optimizer=make_optimizer(config), loss=classification_loss())
-    plan = private.prepare(len(data.private), epochs=dp.epochs)
-    log(f"DP fine-tuning on N = {plan.num_examples} private examples: σ = "
-        f"{plan.noise_multiplier:.4f}, q = {plan.sampling_rate:.4f}, T = {plan.steps} steps, "
-        f"δ = {plan.delta:.3g}, planned ε = {plan.epsilon():.3f} ({plan.accountant})")
-    private.fit(data.private.images, data.private.labels, verbose=2)
+    private.compile(optimizer=make_optimizer(config), loss=classification_loss(),
+                    metrics=["accuracy"])
     return model, private
 
 
@@ -158,7 +189,8 @@ def main(argv):
     log(f"pre-trained test accuracy {pre_acc:.4f}")
     summary = {"pretrained_test_accuracy": pre_acc}
     if config.dp.enabled:
-        model, private = dp_finetune(config, data, pretrained)
+        model, private = dp_finetune(config, data, pretrained,
+                                     make_strategy(_STRATEGY.value, _TPU.value))
         acc, probs = evaluate(model, data)
         plan, steps = private.plan, private.logical_steps_done
         eps = plan.epsilon(steps)

@@ -70,7 +70,7 @@ def test_interrupted_fit_drops_the_partial_step():
     reference = uninterrupted()
     dp = new_dp_model()
     dp.fit(*data(), steps=8, verbose=0, callbacks=[StopAt(2)])
-    assert float(dp._accumulator.num_examples.numpy()) > 0  # stopped inside a logical step
+    assert 0 < dp.logical_steps_done < 8
     dp.fit(*data(), verbose=0)
     assert dp.logical_steps_done == 8
     for a, b in zip(dp.inner.get_weights(), reference.inner.get_weights()):
@@ -82,3 +82,25 @@ def test_restore_errors(tmp_path):
         restore_dp_checkpoint(new_dp_model(), tmp_path)
     with pytest.raises(ValueError, match="not started"):
         save_dp_checkpoint(new_dp_model(), tmp_path)
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    first = new_dp_model()
+    first.fit(*data(), steps=8, verbose=0, callbacks=[StopAt(3)])
+    save_dp_checkpoint(first, tmp_path / "ck")
+    saved_steps = first.logical_steps_done
+    first.fit(*data(), verbose=0)  # continue to the end, then die while saving
+
+    def torn_save(self, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(type(first), "save_weights", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_dp_checkpoint(first, tmp_path / "ck")
+    monkeypatch.undo()
+    resumed = new_dp_model()
+    restore_dp_checkpoint(resumed, tmp_path / "ck")
+    assert resumed.logical_steps_done == saved_steps
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no staging debris left behind

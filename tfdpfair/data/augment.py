@@ -85,7 +85,7 @@ def make_views(images: tf.Tensor, num_views: int, seed: Seed, *, pad: int = 4,
     return tf.gather(views, cols, axis=3, batch_dims=2)  # [B, K, H, W, C]
 
 
-def _unreduced(loss_object: Any) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+def unreduced_loss(loss_object: Any) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """A per-sample version of ``loss_object`` (Keras Loss with reduction=None, or as is)."""
     if isinstance(loss_object, keras.losses.Loss):
         if loss_object.reduction is None:
@@ -99,8 +99,8 @@ def _unreduced(loss_object: Any) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
 
 
 def multiview_loss_fn(model: keras.Model, loss_object: Any, *, training: bool = True,
-                      image_key: str = "image", label_key: str = "label"
-                      ) -> Callable[[Any], tf.Tensor]:
+                      image_key: str = "image", label_key: str = "label",
+                      with_prediction: bool = False) -> Callable[[Any], Any]:
     """Per-example loss for augmentation multiplicity, for ``clipped_grad_sum``.
 
     The returned function maps ONE example, ``(views, label)`` or a dict with ``image_key`` and
@@ -113,8 +113,9 @@ def multiview_loss_fn(model: keras.Model, loss_object: Any, *, training: bool = 
         "sum" or "mean" make no difference) or a function returning per-view losses [K].
       training: passed to the model call (dropout, stochastic depth).
       image_key, label_key: keys of a dict example.
+      with_prediction: return ``(loss, prediction of view 0)`` (for monitoring metrics).
     """
-    per_view_loss = _unreduced(loss_object)
+    per_view_loss = unreduced_loss(loss_object)
 
     def loss_fn(example: Any) -> tf.Tensor:
         if isinstance(example, dict):
@@ -125,6 +126,7 @@ def multiview_loss_fn(model: keras.Model, loss_object: Any, *, training: bool = 
         labels = tf.repeat(label[None], tf.shape(views)[0], axis=0)  # [K, ...]
         predictions = model(views, training=training)
         losses = tf.cast(per_view_loss(labels, predictions), tf.float32)
-        return tf.reduce_mean(losses)
+        loss = tf.reduce_mean(losses)
+        return (loss, predictions[0]) if with_prediction else loss
 
     return loss_fn

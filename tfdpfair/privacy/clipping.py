@@ -26,8 +26,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import tensorflow as tf
 
-PerExampleLossFn = Callable[[Any], tf.Tensor]
-"""Maps ONE example (a nested structure of tensors without a batch axis) to a scalar loss."""
+PerExampleLossFn = Callable[[Any], Any]
+"""Maps ONE example (a nested structure of tensors without a batch axis) to a scalar loss, or
+with ``has_aux=True`` to ``(loss, aux)`` where aux is any nested structure of tensors (e.g. the
+model's prediction, for monitoring metrics)."""
 
 
 class ClippedGradients(NamedTuple):
@@ -42,6 +44,9 @@ class ClippedGradients(NamedTuple):
       num_clipped: number of real examples whose gradient norm exceeded C.
       grad_norms: per-example global gradient norms ||g_i||₂ before clipping, shape [B];
         padded rows are reported as 0.
+      num_nonfinite: number of real examples whose gradient was not finite (contributed 0).
+      aux: the stacked per-example aux outputs of the loss function (None without has_aux).
+      kept: float32 [B], 1 for a real example that contributed (finite gradient), else 0.
     """
 
     grad_sum: list[tf.Tensor]
@@ -49,13 +54,17 @@ class ClippedGradients(NamedTuple):
     num_examples: tf.Tensor
     num_clipped: tf.Tensor
     grad_norms: tf.Tensor
+    num_nonfinite: tf.Tensor | None = None
+    aux: Any = None
+    kept: tf.Tensor | None = None
 
 
 def per_example_gradients(
     loss_fn: PerExampleLossFn,
     variables: Sequence[tf.Variable],
     examples: Any,
-) -> tuple[list[tf.Tensor], tf.Tensor]:
+    has_aux: bool = False,
+) -> tuple[list[tf.Tensor], tf.Tensor] | tuple[list[tf.Tensor], tf.Tensor, Any]:
     """Per-example losses and gradients of ``loss_fn`` over a batch, vectorised over axis 0.
 
     Args:
@@ -63,21 +72,26 @@ def per_example_gradients(
       variables: the variables to differentiate (e.g. ``model.trainable_variables``).
       examples: nested structure of tensors, each with the batch on axis 0.
 
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; aux is stacked over examples and returned.
+
     Returns:
-      (grads, losses): ``grads[v]`` has shape [B, *variables[v].shape] with g_i in row i;
-      ``losses`` has shape [B]. A variable that does not influence the loss gets zeros.
+      (grads, losses) or (grads, losses, aux): ``grads[v]`` has shape
+      [B, *variables[v].shape] with g_i in row i; ``losses`` has shape [B]. A variable that does
+      not influence the loss gets zeros.
     """
     variables = list(variables)
 
     def one_example(example):
         with tf.GradientTape() as tape:
-            loss = tf.cast(loss_fn(example), tf.float32)
+            out = loss_fn(example)
+            loss, aux = out if has_aux else (out, ())
+            loss = tf.cast(loss, tf.float32)
         grads = tape.gradient(
             loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return grads, loss
+        return grads, loss, aux
 
-    grads, losses = tf.vectorized_map(one_example, examples)
-    return list(grads), losses
+    grads, losses, aux = tf.vectorized_map(one_example, examples)
+    return (list(grads), losses, aux) if has_aux else (list(grads), losses)
 
 
 def global_norms(per_example_grads: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -101,6 +115,7 @@ def clipped_grad_sum(
     examples: Any,
     mask: tf.Tensor,
     l2_norm_clip: float,
+    has_aux: bool = False,
 ) -> ClippedGradients:
     """Σ_i m_i · clip_C(∇ l_i) over one micro-batch; see the module docstring for the math.
 
@@ -111,23 +126,32 @@ def clipped_grad_sum(
       mask: shape [B], 1 for a real example and 0 for padding. Values are cast to float32 and
         must be 0 or 1 (anything else would change the sensitivity).
       l2_norm_clip: C > 0, in gradient units.
+      has_aux: ``loss_fn`` returns ``(loss, aux)`` (see :func:`per_example_gradients`).
 
     Returns:
-      A :class:`ClippedGradients` with summed (not averaged) clipped gradients.
+      A :class:`ClippedGradients` with summed (not averaged) clipped gradients. A real example
+      with a non-finite gradient is treated as padding (factor 0) and counted in
+      ``num_nonfinite``; its loss is left out of ``loss_sum``.
     """
     if not l2_norm_clip > 0:
         raise ValueError(f"l2_norm_clip must be > 0, got {l2_norm_clip}.")
-    grads, losses = per_example_gradients(loss_fn, variables, examples)
-    mask = tf.cast(mask, tf.float32)
-    norms = tf.where(mask > 0, global_norms(grads), 0.0)
+    grads, losses, *aux = per_example_gradients(loss_fn, variables, examples, has_aux=has_aux)
+    sampled = tf.cast(mask, tf.float32)
+    raw_norms = global_norms(grads)
+    finite = tf.math.is_finite(raw_norms) & tf.math.is_finite(losses)
+    mask = tf.where(finite, sampled, 0.0)  # a non-finite example counts as padding
+    norms = tf.where(mask > 0, raw_norms, 0.0)
     factors = clip_factors(norms, l2_norm_clip, mask)
     grad_sum = [_masked_weighted_sum(factors, mask, g) for g in grads]
     return ClippedGradients(
         grad_sum=grad_sum,
-        loss_sum=tf.reduce_sum(mask * losses),
+        loss_sum=tf.reduce_sum(tf.where(mask > 0, losses, 0.0)),
         num_examples=tf.reduce_sum(mask),
         num_clipped=tf.reduce_sum(mask * tf.cast(norms > l2_norm_clip, tf.float32)),
         grad_norms=norms,
+        num_nonfinite=tf.reduce_sum(sampled) - tf.reduce_sum(mask),
+        aux=aux[0] if has_aux else None,
+        kept=mask,
     )
 
 

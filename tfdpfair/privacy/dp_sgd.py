@@ -36,7 +36,7 @@ class DPConfig:
       micro_batch_size: physical batch per compiled call; any value gives the same ε.
       noise_multiplier: σ; if None it is calibrated from ``target_epsilon``.
       target_epsilon: the privacy budget ε; training never exceeds it.
-      delta: δ; None means 1/N.
+      delta: δ; None means N^-1.1 (accounting.default_delta).
       accountant: "rdp" or "pld".
       rescale_to_unit_norm: divide the update by C as well (see module docstring).
       augmult: K views per example (1 = no augmentation multiplicity). With K > 1, images
@@ -76,17 +76,25 @@ class DPConfig:
 class DPGradientAccumulator(tf.Module):
     """Accumulates clipped gradient sums over micro-batches and privatises them once per step.
 
-    State (all tf.Variables, so it is checkpointed with the model):
-      ``grad_sums``: Σ clip_C(g_i) over the micro-batches of the current logical step.
-      ``num_examples``: real examples accumulated in the current step (diagnostics only).
-      ``logical_steps``: noise draws so far = logical steps released = what the accountant
-        must count.
+    Works with and without a tf.distribute strategy (one code path). Create it inside
+    ``strategy.scope()``; the running sums are then SyncOnRead variables with SUM aggregation:
+    each replica adds its own micro-batches' clipped sums L_r locally, with no communication per
+    micro-batch, and a read in cross-replica context returns Σ_r L_r.
+
+    Release (:meth:`replica_update`, called once per logical step in replica context): the noise
+    n ~ N(0, σ²C²) is a stateless draw from (noise seed, step t), identical on every replica;
+    replica 0 alone adds it, so each replica r hands (L_r + [r = 0]·n) / (B·s) to the optimizer,
+    whose all-reduce (SUM) yields exactly ( Σ_r L_r + n ) / (B·s): one draw per logical step,
+    whatever the number of replicas or micro-batches (DESIGN.md invariant 2).
+
+    State: ``grad_sums`` (Σ clip_C(g_i) of the current step, per replica) and ``num_examples``.
+    Both are transient: the training loop releases whole logical steps per call, so they are
+    zero whenever a checkpoint can be written, and they are not part of the saved state.
     """
 
     def __init__(self, variables: Sequence[tf.Variable], l2_norm_clip: float,
                  noise_multiplier: float, expected_batch_size: float,
-                 noise_seed: int, rescale_to_unit_norm: bool = False,
-                 name: str = "dp_gradient_accumulator"):
+                 rescale_to_unit_norm: bool = False, name: str = "dp_gradient_accumulator"):
         super().__init__(name=name)
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}.")
@@ -94,48 +102,61 @@ class DPGradientAccumulator(tf.Module):
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
         self.rescale_to_unit_norm = bool(rescale_to_unit_norm)
-        self.noise_seed = int(noise_seed)
+        sync = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                    aggregation=tf.VariableAggregation.SUM)
         with self.name_scope:
-            self.grad_sums = [
-                tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
-                            name=f"grad_sum_{i}") for i, v in enumerate(variables)]
-            self.num_examples = tf.Variable(0.0, trainable=False, name="num_examples")
-            self.logical_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                             name="logical_steps")
+            self.grad_sums = [tf.Variable(tf.zeros(v.shape, tf.float32), name=f"grad_sum_{i}",
+                                          **sync) for i, v in enumerate(variables)]
+            self.num_examples = tf.Variable(0.0, name="num_examples", **sync)
 
     @property
     def noise_stddev(self) -> float:
         """σ·C: the noise std per coordinate on the *sum* of clipped gradients."""
         return self.noise_multiplier * self.l2_norm_clip
 
+    @property
+    def update_divisor(self) -> float:
+        """B·s: the public constant the noisy sum is divided by (s = C with unit-norm rescaling)."""
+        return self.expected_batch_size * (
+            self.l2_norm_clip if self.rescale_to_unit_norm else 1.0)
+
     def accumulate(self, clipped: ClippedGradients) -> None:
-        """Adds one micro-batch's clipped sum to the running sum of the current step."""
+        """Adds one micro-batch's clipped sum to this replica's running sum of the step."""
         if len(clipped.grad_sum) != len(self.grad_sums):
             raise ValueError(f"expected {len(self.grad_sums)} gradients, "
                              f"got {len(clipped.grad_sum)}.")
         for total, part in zip(self.grad_sums, clipped.grad_sum):
-            total.assign_add(part)
+            total.assign_add(tf.cast(part, tf.float32))
         self.num_examples.assign_add(clipped.num_examples)
 
-    def noisy_mean_gradient(self) -> list[tf.Tensor]:
-        """ĝ = (Σ clip + N(0, σ²C²)) / (B·s) for the current step; then resets the sums.
+    def replica_update(self, noise_seed: tf.Tensor | int, step: tf.Tensor | int
+                       ) -> list[tf.Tensor]:
+        """This replica's share (L_r + [r = 0]·n) / (B·s) of step ``step``; resets the sums.
 
-        Increments ``logical_steps``: call exactly once per logical step, also for a step that
-        sampled no example (its update is pure noise, and it is accounted).
+        Call exactly once per logical step and replica, in replica context (or with no
+        strategy), also for a step that sampled no example: its update is pure noise, and it is
+        accounted. The caller all-reduces the shares (``optimizer.apply`` does).
         """
-        seed = noise_lib.step_seed(self.noise_seed, self.logical_steps)
+        context = tf.distribute.get_replica_context()
+        first = tf.equal(context.replica_id_in_sync_group, 0) if context is not None else True
+        seed = noise_lib.step_seed(noise_seed, step)
         noise = noise_lib.gaussian_noise_like(self.grad_sums, self.noise_stddev, seed)
-        scale = self.expected_batch_size * (
-            self.l2_norm_clip if self.rescale_to_unit_norm else 1.0)
         # Read the sums into tensors before resetting the variables they came from.
-        noisy = [tf.identity(total) + n for total, n in zip(self.grad_sums, noise)]
+        noisy = [tf.identity(total) + tf.where(first, n, tf.zeros_like(n))
+                 for total, n in zip(self.grad_sums, noise)]
         with tf.control_dependencies(noisy):
             self.reset()
-            self.logical_steps.assign_add(1)
-        return [g / scale for g in noisy]
+        return [g / self.update_divisor for g in noisy]
+
+    def noisy_mean_gradient(self, noise_seed: tf.Tensor | int, step: tf.Tensor | int
+                            ) -> list[tf.Tensor]:
+        """ĝ = (Σ clip + N(0, σ²C²)) / (B·s) for step ``step`` without a strategy."""
+        if tf.distribute.in_cross_replica_context() and tf.distribute.has_strategy():
+            raise RuntimeError("under a strategy, call replica_update inside strategy.run.")
+        return self.replica_update(noise_seed, step)
 
     def reset(self) -> None:
-        """Zeroes the running sums (not the step counter)."""
+        """Zeroes this replica's running sums."""
         for total in self.grad_sums:
             total.assign(tf.zeros_like(total))
         self.num_examples.assign(0.0)

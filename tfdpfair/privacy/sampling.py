@@ -6,10 +6,17 @@ variance q(1−q)N. This is the sampling that the accountant (privacy/accounting
 shuffling into fixed-size batches, or drawing a size first and then a subset, is a different
 mechanism and would make the reported ε wrong.
 
-The sampled indices are packed into ceil(b/m) micro-batches of a fixed size m (the physical
-batch that fits in memory), padded with index 0 and a mask of 0, so compiled step functions
-see one static shape. A step that samples no example still yields one all-padding micro-batch:
-its noise is added and the step is accounted, like every other step.
+The draw is done in TensorFlow (:func:`poisson_sample`): example i joins step t iff
+u_i < q with u = stateless_uniform([N], seed = (sampling seed, t)), so the sample of any step is a
+pure function of (seed, t), computable on every host and inside a tf.data pipeline (no Python on
+the training path, as TPU hosts need).
+
+The sampled indices are packed into k_t = max(1, ceil(b / (m·R))) *global* micro-batches of
+m examples per replica for R replicas (m is the physical batch that fits in memory), padded with
+index 0 and a mask of 0, so compiled step functions see one static shape. k_t is the same on
+every host and replica (it depends only on the seed and t), so they all agree on where a logical
+step ends. A step that samples no example still yields one all-padding micro-batch: its noise is
+added and the step is accounted, like every other step.
 
 Secrecy: amplification by subsampling holds only if nobody learns which examples were sampled.
 The default seed is therefore drawn from the OS's entropy source; a fixed seed is for tests and
@@ -19,11 +26,11 @@ reproductions only.
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
 from typing import Iterator
 
 import numpy as np
+import tensorflow as tf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,45 +62,84 @@ def random_seed() -> int:
     return secrets.randbits(62)
 
 
+def poisson_sample(seed: int | tf.Tensor, step: int | tf.Tensor, num_examples: int,
+                   sampling_rate: float) -> tf.Tensor:
+    """Indices (int64, ascending) of the examples in logical step ``step``.
+
+    Each of the N examples joins independently with probability q: u_i < q for
+    u = stateless_uniform([N]) in float64, seeded by (seed, step).
+    """
+    draw_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
+    u = tf.random.stateless_uniform([num_examples], seed=draw_seed, dtype=tf.float64)
+    return tf.where(u < sampling_rate)[:, 0]
+
+
+def num_global_microbatches(sample_size: int | tf.Tensor, examples_per_microbatch: int):
+    """k_t = max(1, ceil(b / (m·R))): global micro-batches of a step that sampled b examples."""
+    return tf.maximum(tf.constant(1, tf.int64),
+                      (tf.cast(sample_size, tf.int64) + examples_per_microbatch - 1)
+                      // examples_per_microbatch)
+
+
+def pack_sample(indices: tf.Tensor, examples_per_microbatch: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Pads a step's indices [b] with index 0 / mask 0 to [k_t, m·R] (indices, float32 mask)."""
+    size = tf.shape(indices, out_type=tf.int64)[0]
+    k = num_global_microbatches(size, examples_per_microbatch)
+    pad = k * examples_per_microbatch - size
+    padded = tf.concat([indices, tf.zeros([pad], tf.int64)], 0)
+    mask = tf.concat([tf.ones([size], tf.float32), tf.zeros([pad], tf.float32)], 0)
+    shape = tf.stack([k, examples_per_microbatch])
+    return tf.reshape(padded, shape), tf.reshape(mask, shape)
+
+
 class PoissonSampler:
     """Deterministic (given the seed) Poisson sampler over logical steps.
 
-    Step t uses its own generator seeded by (seed, t), so any step can be re-drawn on its own
-    (e.g. after resuming from a checkpoint) and steps never share random state.
+    Step t uses its own stateless draw seeded by (seed, t) (:func:`poisson_sample`, the same
+    function the training input pipeline runs), so any step can be re-drawn on its own (e.g.
+    after resuming from a checkpoint) and steps never share random state. ``micro_batch_size``
+    is the per-replica m; ``num_replicas`` R packs steps into global micro-batches of m·R.
     """
 
     def __init__(self, num_examples: int, sampling_rate: float, micro_batch_size: int,
-                 seed: int | None = None):
+                 seed: int | None = None, num_replicas: int = 1):
         if num_examples < 1:
             raise ValueError(f"num_examples must be >= 1, got {num_examples}.")
         if not 0.0 < sampling_rate <= 1.0:
             raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}.")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
+        if num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {num_replicas}.")
         self.num_examples = int(num_examples)
         self.sampling_rate = float(sampling_rate)
         self.micro_batch_size = int(micro_batch_size)
+        self.num_replicas = int(num_replicas)
         self.seed = random_seed() if seed is None else int(seed)
+
+    @property
+    def examples_per_microbatch(self) -> int:
+        """m·R: examples in one global micro-batch (over all replicas)."""
+        return self.micro_batch_size * self.num_replicas
 
     def sample_indices(self, step: int) -> np.ndarray:
         """Indices of the examples in logical step ``step``: each kept with probability q."""
-        rng = np.random.default_rng([self.seed, int(step)])
-        return np.flatnonzero(rng.random(self.num_examples) < self.sampling_rate).astype(np.int64)
+        return poisson_sample(self.seed, step, self.num_examples, self.sampling_rate).numpy()
 
     def num_microbatches(self, step: int) -> int:
-        """Micro-batches that step ``step`` fills: max(1, ceil(|sample| / m))."""
-        return max(1, math.ceil(self.sample_indices(step).size / self.micro_batch_size))
+        """Global micro-batches that step ``step`` fills: max(1, ceil(|sample| / (m·R)))."""
+        return int(num_global_microbatches(self.sample_indices(step).size,
+                                           self.examples_per_microbatch))
 
     def logical_batch(self, step: int) -> LogicalBatch:
-        """Step ``step``'s sample, padded to whole micro-batches (at least one)."""
-        chosen = self.sample_indices(step)
-        m = self.micro_batch_size
-        num_micro = max(1, math.ceil(chosen.size / m))  # as in num_microbatches()
-        indices = np.zeros(num_micro * m, np.int64)
-        mask = np.zeros(num_micro * m, np.float32)
-        indices[:chosen.size] = chosen
-        mask[:chosen.size] = 1.0
-        return LogicalBatch(int(step), indices.reshape(num_micro, m), mask.reshape(num_micro, m))
+        """Step ``step``'s sample, padded to whole global micro-batches (at least one).
+
+        Columns r·m ... (r+1)·m − 1 of each micro-batch belong to replica r.
+        """
+        indices, mask = pack_sample(
+            poisson_sample(self.seed, step, self.num_examples, self.sampling_rate),
+            self.examples_per_microbatch)
+        return LogicalBatch(int(step), indices.numpy(), mask.numpy())
 
     def logical_batches(self, start_step: int, end_step: int) -> Iterator[LogicalBatch]:
         """Logical batches for steps start_step <= t < end_step."""

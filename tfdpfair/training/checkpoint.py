@@ -1,17 +1,18 @@
-"""Checkpoints of a DP run that resume with the same privacy accounting (DESIGN.md invariant 4).
+"""Resume checkpoints of a DP run: a thin, atomic layer over the DPModel's Keras-tracked state.
 
-A checkpoint directory holds
-  dp_state.json   the privacy plan (N, B, σ, T, δ, accountant, target ε), the number of logical
-                  steps already taken, ε so far, and the sampler / noise / augmentation seeds;
-  variables.npz   the model's weights, the optimizer's variables and the step counters.
+Everything that decides ε (plan, steps taken, seeds) is Keras-tracked state of the DPModel
+(training/dp_state.py), so a checkpoint is just ``save_weights`` of the whole DPModel (inner
+weights, optimizer, DP state) plus a human-readable ``dp_state.json``. Resuming restores the plan
+instead of re-planning, so the accountant continues from the steps taken and a resumed run
+reports the same ε as an uninterrupted one (DESIGN.md invariant 4); with the same seeds it also
+samples the same batches and draws the same noise. A partial logical step is never saved: the
+loop releases whole steps per call.
 
-Resuming restores the plan instead of re-planning, so the accountant continues from the steps
-taken and a resumed run reports the same ε as an uninterrupted one; with the same seeds it also
-samples the same batches and draws the same noise. A partial logical step is never saved: it
-was not released, and the resumed run re-runs that step from its start.
+Writes are atomic: the files go to a temporary sibling directory, renamed into place only once
+complete, so a kill during a save leaves the previous checkpoint intact, never a torn one.
 
-The seeds make this file as sensitive as the training data: whoever has them can remove the
-noise. Keep checkpoints with the private data; release only the final model weights.
+The seeds make a checkpoint as sensitive as the training data: whoever has them can remove the
+noise. Keep checkpoints with the private data; publish ``DPModel.export_release`` instead.
 """
 
 from __future__ import annotations
@@ -20,76 +21,66 @@ import dataclasses
 import json
 import os
 import pathlib
-
-import numpy as np
+import shutil
+import tempfile
 
 from tfdpfair.privacy.accounting import PrivacyPlan
-from tfdpfair.training.dp_model import DPModel
 
 STATE_FILE = "dp_state.json"
-ARRAYS_FILE = "variables.npz"
-FORMAT_VERSION = 1
+WEIGHTS_FILE = "state.weights.h5"
+FORMAT_VERSION = 2
 
 
-def _state_variables(dp_model: DPModel) -> dict[str, list]:
-    return {
-        "model": list(dp_model.inner.weights),
-        "optimizer": list(dp_model.optimizer.variables),
-        "counters": [dp_model._accumulator.logical_steps, dp_model._microbatch_counter],
-    }
-
-
-def save_dp_checkpoint(dp_model: DPModel, directory: str | os.PathLike) -> pathlib.Path:
-    """Writes the run's weights, optimizer state, plan, step count and seeds to ``directory``."""
-    if dp_model.plan is None:
+def save_dp_checkpoint(dp_model, directory: str | os.PathLike) -> pathlib.Path:
+    """Writes the run's weights, optimizer state, DP state and seeds to ``directory``."""
+    plan = dp_model.plan
+    if plan is None:
         raise ValueError("nothing to save: this DPModel has not started training (no plan).")
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays = {f"{group}/{i}": np.asarray(v.numpy())
-              for group, variables in _state_variables(dp_model).items()
-              for i, v in enumerate(variables)}
-    np.savez(directory / ARRAYS_FILE, **arrays)
-    state = {
-        "format": FORMAT_VERSION,
-        "plan": dataclasses.asdict(dp_model.plan),
-        "logical_steps": dp_model.logical_steps_done,
-        "epsilon": dp_model.epsilon_spent(),
-        "seeds": dp_model.seeds,
-    }
-    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        dp_model.save_weights(staging / WEIGHTS_FILE)
+        summary = {"format": FORMAT_VERSION, "plan": dataclasses.asdict(plan),
+                   "logical_steps": dp_model.logical_steps_done,
+                   "epsilon": dp_model.epsilon_spent(),
+                   "warning": "resume checkpoint: holds the secret seeds, keep it private"}
+        (staging / STATE_FILE).write_text(json.dumps(summary, indent=2))
+        if directory.exists():
+            previous = directory.with_name(directory.name + ".previous")
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(directory, previous)
+            os.replace(staging, directory)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return directory
 
 
-def restore_dp_checkpoint(dp_model: DPModel, directory: str | os.PathLike) -> PrivacyPlan:
-    """Restores a checkpoint into a compiled, not yet trained DPModel of the same architecture.
+def restore_dp_checkpoint(dp_model, directory: str | os.PathLike) -> PrivacyPlan:
+    """Restores a checkpoint into a compiled DPModel of the same architecture.
 
     Returns the restored plan; ``dp_model.fit(x, y)`` then continues from the saved step.
     """
     directory = pathlib.Path(directory)
-    for name in (STATE_FILE, ARRAYS_FILE):
+    for name in (STATE_FILE, WEIGHTS_FILE):
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory / name} is missing: not a tfdpfair DP checkpoint.")
-    state = json.loads((directory / STATE_FILE).read_text())
-    if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{directory / STATE_FILE}: unsupported format {state.get('format')!r}.")
-    if dp_model.plan is not None:
-        raise ValueError("restore into a fresh DPModel, before it has trained.")
-    plan = PrivacyPlan(**state["plan"])
+    summary = json.loads((directory / STATE_FILE).read_text())
+    if summary.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{directory / STATE_FILE}: unsupported format {summary.get('format')!r}.")
+    if not dp_model.compiled:
+        raise ValueError("compile the DPModel before restoring (the optimizer state is restored).")
+    plan = PrivacyPlan(**summary["plan"])
     if dp_model.dp_config.expected_batch_size != plan.expected_batch_size:
         raise ValueError(f"checkpoint expected batch {plan.expected_batch_size} differs from "
                          f"DPConfig.expected_batch_size {dp_model.dp_config.expected_batch_size}.")
-    dp_model._prepare(plan.num_examples, None, None, plan=plan,
-                      seeds={k: int(v) for k, v in state["seeds"].items()})
-    with np.load(directory / ARRAYS_FILE) as arrays:
-        for group, variables in _state_variables(dp_model).items():
-            saved = sorted((k for k in arrays.files if k.startswith(group + "/")),
-                           key=lambda k: int(k.split("/")[1]))
-            if len(saved) != len(variables):
-                raise ValueError(f"checkpoint has {len(saved)} {group} variables, the model "
-                                 f"{len(variables)}: different architecture or optimizer?")
-            for key, variable in zip(saved, variables):
-                if tuple(arrays[key].shape) != tuple(variable.shape):
-                    raise ValueError(f"{group} variable {key}: checkpoint shape "
-                                     f"{arrays[key].shape} != model shape {variable.shape}.")
-                variable.assign(arrays[key])
+    dp_model.optimizer.build(dp_model.inner.trainable_variables)
+    dp_model.load_weights(directory / WEIGHTS_FILE)
+    if dp_model.plan != plan:
+        raise ValueError(f"{directory}: the weights file's DP state does not match "
+                         f"{STATE_FILE}; the checkpoint is inconsistent.")
     return plan

@@ -3,91 +3,144 @@ DP-SGD with Poisson sampling, exact accounting, and a hard stop at the privacy b
 
 How one Keras ``fit`` maps onto DP-SGD:
 
-* The data are the N private examples, as numpy arrays or an index-addressable source
-  (tfdpfair.data). Each logical step t draws its batch by Poisson sampling
-  (privacy/sampling.py) and is fed to Keras as fixed-shape micro-batches with a mask and an
-  ``end_of_step`` flag (training/microbatches.py).
-* ``train_step`` (one compiled call per micro-batch) adds the micro-batch's clipped gradient sum
-  to accumulator variables; on the last micro-batch of a logical step it draws the noise once,
-  divides by the expected batch size and calls ``optimizer.apply`` (privacy/dp_sgd.py).
-* The plan (σ, q, T, δ) is fixed before any example is read (privacy/accounting.py); the data
-  stream ends after the last step the budget affords, so the budget cannot be exceeded, and
-  ``history`` / the progress bar show ε as training goes (every step with RDP).
+* The plan (σ, q, T, δ) is fixed before any example is read (privacy/accounting.py) and stored,
+  with the step counter and the secret seeds, in a Keras-tracked :class:`DPState`
+  (training/dp_state.py): every Keras save/restore path keeps ε right.
+* DPModel drives its own loop (training/loop.py) and feeds Keras callbacks through
+  ``keras.callbacks.CallbackList``. One compiled call runs ``steps_per_execution`` whole logical
+  steps: Poisson-sampled micro-batches from a TF-only input pipeline
+  (training/input_pipeline.py), clipped per example, summed across micro-batches and replicas,
+  noised once, divided by the expected batch size and applied. It runs the same under no
+  strategy, MirroredStrategy, MultiWorkerMirroredStrategy and TPUStrategy.
+* A Keras "epoch" is ceil(N/B) logical steps, one pass over the data in expectation; a Keras
+  "batch" (progress bar unit) is one compiled call.
 
-A Keras "epoch" here is about ceil(N/B) logical steps, one pass over the data in expectation.
-Training-set loss and clip fraction are shown for monitoring; they are computed from private
-data without noise, so do not publish them as part of a DP release.
+Logged values: ``epsilon`` and ``logical_steps`` are public; ``nonprivate_*`` (training loss,
+compiled metrics, clip fraction, non-finite examples) are computed from private data without
+noise: monitor them, never publish them or let a callback act on them (refused).
 """
 
 from __future__ import annotations
 
-import functools
-import math
+import dataclasses
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfdpfair.data import augment
 from tfdpfair.models.validate import check_dp_compatible
 from tfdpfair.privacy import accounting, sampling
-from tfdpfair.privacy.clipping import clipped_grad_sum
 from tfdpfair.privacy.dp_sgd import DPConfig, DPGradientAccumulator
-from tfdpfair.training import microbatches
+from tfdpfair.models import validate
+from tfdpfair.training import distributed, guards, input_pipeline, release
+from tfdpfair.training.dp_state import DPState, state_for_model
+from tfdpfair.training.loop import DPStepLoop, LoopConfig
+from tfdpfair.training.fit_loop import PrivacyBudgetExhaustedError, run_fit
+
+REFUSED_FIT_KWARGS = {
+    "batch_size": "the logical batch is Poisson-sampled with expected size "
+                  "DPConfig.expected_batch_size; micro_batch_size sets the physical batch",
+    "shuffle": "Poisson sampling replaces shuffling",
+    "steps_per_epoch": "a Keras epoch is ceil(N/B) logical steps; use epochs= or steps=",
+    "sample_weight": "per-example weights change each example's sensitivity",
+    "class_weight": "per-example weights change each example's sensitivity",
+    "validation_split": "split the data yourself and pass the held-out part as validation_data "
+                        "(N must be the size of the private training set)",
+    "initial_epoch": "the start is the DP state's step counter",
+}
 
 
-class PrivacyBudgetExhaustedError(RuntimeError):
-    """fit() was asked to train further than the privacy budget allows."""
-
-
+@keras.saving.register_keras_serializable(package="tfdpfair")
 class DPModel(keras.Model):
     """Wraps a Keras model (sharing its variables) and trains it with DP-SGD in ``fit()``."""
 
-    def __init__(self, model: keras.Model, dp_config: DPConfig, **kwargs: Any):
+    def __init__(self, model: keras.Model, dp_config: DPConfig | dict, **kwargs: Any):
         super().__init__(**kwargs)
+        if isinstance(dp_config, dict):
+            dp_config = DPConfig(**dp_config)
+        if not model.built:
+            raise ValueError("build the model before make_private (e.g. start it with "
+                             "keras.Input(shape)), so its variables exist.")
         check_dp_compatible(model)
+        guards.check_variables_in_scope(model, self.distribute_strategy)
         self.inner = model
         self.dp_config = dp_config
-        self.plan: accounting.PrivacyPlan | None = None
-        self._accumulator: DPGradientAccumulator | None = None
-        self._dp_sampler: sampling.PoissonSampler | None = None
-        self._per_example_loss: keras.losses.Loss | None = None
-        self._loss_tracker = keras.metrics.Mean(name="loss")
-        self._clip_tracker = keras.metrics.Mean(name="clipped_fraction")
+        with self.distribute_strategy.scope():
+            self.dp_state: DPState = state_for_model(model)
+        self._runtime: dict[str, Any] = {}
+        self.built = True
 
     def call(self, inputs, training=False):
         return self.inner(inputs, training=training)
 
-    def compile(self, optimizer="sgd", loss=None, metrics=None, jit_compile=False, **kwargs):
-        """Like keras.Model.compile; ``loss`` must be a Keras loss (averaged over a batch)."""
+    def get_config(self) -> dict:
+        return {"name": self.name, "model": keras.saving.serialize_keras_object(self.inner),
+                "dp_config": dataclasses.asdict(self.dp_config)}
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None) -> "DPModel":
+        inner = keras.saving.deserialize_keras_object(config["model"],
+                                                      custom_objects=custom_objects)
+        return cls(inner, DPConfig(**config["dp_config"]), name=config.get("name"))
+
+    def compile(self, optimizer="sgd", loss=None, metrics=None, steps_per_execution=1,
+                jit_compile=False, **kwargs):
+        """Like keras.Model.compile. ``steps_per_execution`` = logical steps per compiled call."""
         if loss is None:
             raise ValueError("DPModel.compile needs a loss, e.g. "
                              "keras.losses.SparseCategoricalCrossentropy(from_logits=True).")
-        self._per_example_loss = keras.losses.get(loss)
+        if kwargs.get("loss_weights") is not None:
+            raise guards.DPUsageError("loss_weights are not supported by DPModel.")
+        check_dp_compatible(self.inner)  # again: trainability may have changed
+        guards.check_precision_policy(self.inner, optimizer)
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics,
-                        jit_compile=jit_compile, **kwargs)
+                        steps_per_execution=steps_per_execution,
+                        jit_compile=jit_compile is True, **kwargs)  # XLA only when asked
+        guards.check_precision_policy(self.inner, self.optimizer)
+        self._dp_loss = loss
+        self._runtime = {}
+
+    def compile_from_config(self, config: dict) -> None:
+        """Re-compiles on ``keras.models.load_model`` (Keras skips custom compiles otherwise)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        self.optimizer.build(self.inner.trainable_variables)  # so its state can be loaded
+
+    # ---- accounting views --------------------------------------------------------------
 
     @property
-    def metrics(self):
-        return [self._loss_tracker, self._clip_tracker]
+    def plan(self) -> accounting.PrivacyPlan | None:
+        """The fixed privacy plan (None before prepare()/fit())."""
+        return self.dp_state.plan()
+
+    @property
+    def seeds(self) -> dict[str, int]:
+        """The secret seeds of this run (resume state; never publish them)."""
+        return self.dp_state.seeds()
 
     @property
     def logical_steps_done(self) -> int:
-        """Logical steps (noise draws) taken so far, over all fit() calls."""
-        return 0 if self._accumulator is None else int(self._accumulator.logical_steps.numpy())
+        """Logical steps (noise draws) taken so far, over all fit() calls and wrappers."""
+        return self.dp_state.steps_done
 
     def epsilon_spent(self) -> float:
         """ε after the logical steps done so far (0 before training)."""
-        if self.plan is None:
-            return 0.0
-        return self.plan.epsilon(self.logical_steps_done)
+        plan = self.plan
+        return 0.0 if plan is None else plan.epsilon(self.logical_steps_done)
+
+    def export_release(self, directory) -> Any:
+        """Writes the publishable artefact: the inner model and the privacy statement, no seeds.
+
+        See training/release.py; a resume checkpoint (``save``, ``save_weights``) is not a
+        release, because it holds the secret seeds.
+        """
+        return release.export_release(self, directory)
 
     # ---- planning ------------------------------------------------------------------------
 
     def plan_privacy(self, num_examples: int, epochs: float | None = None,
                      steps: int | None = None) -> accounting.PrivacyPlan:
-        """Fixes σ, q, T, δ for a run over ``num_examples`` private examples (see accounting)."""
+        """σ, q, T, δ for a run over ``num_examples`` private examples (not stored)."""
         cfg = self.dp_config
         return accounting.plan_dp_sgd(
             num_examples=num_examples, expected_batch_size=cfg.expected_batch_size,
@@ -98,187 +151,176 @@ class DPModel(keras.Model):
                 steps: int | None = None) -> accounting.PrivacyPlan:
         """Fixes the privacy plan for N examples before training (fit() does it otherwise).
 
-        Lets a caller log or check σ, T and the planned ε before any data is read; a later
-        fit() uses this plan and ignores its own epochs/steps.
+        Lets a caller log or check σ, T and the planned ε before any data is read. A plan
+        already in the DP state (an earlier fit, a restored checkpoint, an earlier wrapper of
+        the same model) is kept, after checking that it matches N and this DPConfig.
         """
-        self._prepare(num_examples, epochs, steps)
-        return self.plan
+        if self.dp_state.has_plan:
+            return self._check_plan_matches(self.dp_state.plan(), num_examples)
+        if epochs is None and steps is None:
+            raise ValueError("give epochs or steps: they fix the number of logical steps T.")
+        plan = self.plan_privacy(num_examples, epochs=epochs, steps=steps)
+        self.dp_state.set_plan(plan, self.dp_config.l2_norm_clip)
+        self.dp_state.set_seeds(self._initial_seeds())
+        return plan
 
-    def _prepare(self, num_examples: int, epochs: float | None, steps: int | None,
-                 plan: accounting.PrivacyPlan | None = None,
-                 seeds: dict[str, int] | None = None) -> None:
-        """Fixes the plan and builds the sampler, accumulator and optimizer state (once).
-
-        ``plan`` and ``seeds`` are given when resuming from a checkpoint (training/checkpoint.py).
-        """
-        if self.plan is not None:
-            if self.plan.num_examples != num_examples:
-                raise ValueError(
-                    f"this DPModel was planned for N = {self.plan.num_examples} examples; got "
-                    f"{num_examples}. Privacy accounting assumes one fixed dataset.")
-            return
-        if not self.compiled:
-            raise RuntimeError("call compile() before fit().")
-        check_dp_compatible(self.inner)  # again: trainability may have changed since __init__
-        self.plan = plan or self.plan_privacy(num_examples, epochs=epochs, steps=steps)
+    def _initial_seeds(self) -> dict[str, int]:
         cfg = self.dp_config
-        self.seeds = seeds or {
+        seeds = {
             "sampling": sampling.random_seed() if cfg.sampling_seed is None else cfg.sampling_seed,
             "noise": sampling.random_seed() if cfg.noise_seed is None else cfg.noise_seed,
             "augment": sampling.random_seed() if cfg.noise_seed is None else cfg.noise_seed + 1,
         }
-        self._dp_sampler = sampling.PoissonSampler(
-            num_examples, self.plan.sampling_rate, cfg.micro_batch_size, self.seeds["sampling"])
-        variables = self.inner.trainable_variables
-        if not variables:
-            raise ValueError("the model has no trainable variables.")
-        self._accumulator = DPGradientAccumulator(
-            variables, cfg.l2_norm_clip, self.plan.noise_multiplier, cfg.expected_batch_size,
-            noise_seed=self.seeds["noise"], rescale_to_unit_norm=cfg.rescale_to_unit_norm)
-        self.optimizer.build(variables)
-        self._augment_seed = self.seeds["augment"]
-        self._microbatch_counter = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._multiview_loss = augment.multiview_loss_fn(self.inner, self._per_example_loss)
+        return distributed.broadcast_from_chief(self.distribute_strategy, seeds)
+
+    def _check_plan_matches(self, plan: accounting.PrivacyPlan, num_examples: int
+                            ) -> accounting.PrivacyPlan:
+        cfg = self.dp_config
+        problems = []
+        if plan.num_examples != num_examples:
+            problems.append(f"N = {plan.num_examples} there, {num_examples} here")
+        if plan.expected_batch_size != cfg.expected_batch_size:
+            problems.append(f"expected batch {plan.expected_batch_size:g} there, "
+                            f"{cfg.expected_batch_size} here")
+        if self.dp_state.l2_norm_clip != cfg.l2_norm_clip:
+            problems.append(f"C = {self.dp_state.l2_norm_clip:g} there, {cfg.l2_norm_clip:g} here")
+        if cfg.noise_multiplier is not None and plan.noise_multiplier != cfg.noise_multiplier:
+            problems.append(f"σ = {plan.noise_multiplier:g} there, {cfg.noise_multiplier:g} here")
+        if plan.accountant != cfg.accountant:
+            problems.append(f"accountant {plan.accountant} there, {cfg.accountant} here")
+        if problems:
+            raise ValueError(
+                "this model already carries a DP plan (from an earlier fit, a restored "
+                f"checkpoint or another wrapper; {plan.steps} steps, {self.logical_steps_done} "
+                f"taken) that does not match this run: {'; '.join(problems)}. The spent budget "
+                "stays with the model: continue with the same settings, or start from the "
+                "pre-trained weights in a new model object with a new plan.")
+        return plan
+
+    # ---- Keras paths DP forbids ----------------------------------------------------------
+
+    def train_step(self, data):
+        raise guards.DPUsageError(
+            "DPModel.train_step is not a DP-SGD step: a DP step needs Poisson sampling, noise "
+            "once per logical step and accounting, which DPModel.fit() does. Call fit().")
+
+    def make_train_function(self, force=False):
+        self.train_step(None)
+
+    def train_on_batch(self, *args, **kwargs):
+        self.train_step(None)
 
     # ---- training ------------------------------------------------------------------------
 
-    def _example_loss(self, example):
-        """Loss of ONE example: x [H, W, C] without augmult, or its views [K, H, W, C]."""
-        if self.dp_config.augmult > 1:
-            return self._multiview_loss(example)
-        x, y = example
-        return self._per_example_loss(y[None], self.inner(x[None], training=True))
-
-    def train_step(self, data):
-        x, y, mask, end_of_step = data
-        if self.dp_config.augmult > 1:
-            # K fresh random views per example and micro-batch; the per-example loss averages
-            # over them before clipping, so the sensitivity stays C.
-            seed = tf.stack([tf.constant(self._augment_seed, tf.int64),
-                             self._microbatch_counter.assign_add(1)])
-            x = augment.make_views(x, self.dp_config.augmult, seed)
-        clipped = clipped_grad_sum(self._example_loss, self.inner.trainable_variables,
-                                   (x, y), mask, self.dp_config.l2_norm_clip)
-        self._accumulator.accumulate(clipped)
-        self._loss_tracker.update_state(clipped.loss_sum / tf.maximum(clipped.num_examples, 1.0),
-                                        sample_weight=clipped.num_examples)
-        self._clip_tracker.update_state(
-            clipped.num_clipped / tf.maximum(clipped.num_examples, 1.0),
-            sample_weight=clipped.num_examples)
-        tf.cond(tf.reshape(end_of_step, []), self._release_step, lambda: tf.constant(False))
-        return {m.name: m.result() for m in self.metrics}
-
-    def _release_step(self):
-        grads = self._accumulator.noisy_mean_gradient()
-        self.optimizer.apply(grads, self.inner.trainable_variables)
-        return tf.constant(True)
-
     def fit(self, x=None, y=None, epochs: float | None = None, steps: int | None = None,
-            callbacks=None, verbose="auto", validation_data=None, **kwargs):
-        """Runs DP-SGD over N private examples.
+            callbacks=None, verbose="auto", validation_data=None, validation_freq: int = 1,
+            **kwargs):
+        """Runs DP-SGD over the N private examples ``x``, ``y`` (see module docstring).
 
         Args:
-          x: numpy inputs [N, ...] with labels ``y`` [N, ...]; or an IndexedSource
-            (tfdpfair.data: CheXpert, MIMIC-CXR, TFDS arrays) with ``y=None``, whose examples'
-            "image" and "label" are used.
-          epochs: expected passes over the data (T = ceil(epochs·N/B)); or give ``steps``.
-            Only the first call's epochs/steps set the plan; a later call continues the same
-            plan (same σ, q, δ) until its T steps are used up.
+          x, y: numpy arrays [N, ...]; or an IndexedSource as ``x`` (labels from the source).
+            Streams are refused (Poisson sampling needs random access; see
+            input_pipeline.materialize).
+          epochs: expected passes over the data (T = ceil(epochs·N/B)); or give ``steps``. Only
+            the plan's first fixing uses them; later calls continue the same plan.
           steps: number of logical steps T.
-          callbacks, verbose, validation_data: as in keras.Model.fit.
+          callbacks, verbose, validation_data, validation_freq: as in keras.Model.fit.
 
         Returns:
-          The Keras History; ``history.history["epsilon"]`` holds ε after each Keras epoch.
+          The Keras History, with ``epsilon`` and ``logical_steps`` after each epoch.
         """
-        if kwargs:
-            raise TypeError(f"DPModel.fit does not support {sorted(kwargs)}: batching, "
-                            "shuffling and step counts are set by the DP plan.")
-        m = self.dp_config.micro_batch_size
-        if microbatches.is_indexed_source(x):
-            if y is not None:
-                raise ValueError("with an IndexedSource the labels come from the source; "
-                                 "pass y=None.")
-            num_examples, image_rank = len(x), len(x.element_spec["image"].shape) + 1
-            make_stream = functools.partial(microbatches.source_stream, x, micro_batch_size=m)
-        else:
-            x, y = np.asarray(x), np.asarray(y)
-            if len(x) != len(y):
-                raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}.")
-            num_examples, image_rank = len(x), x.ndim
-            make_stream = functools.partial(microbatches.array_stream, x, y, micro_batch_size=m)
-        if self.dp_config.augmult > 1 and image_rank != 4:
+        for key in kwargs:
+            reason = REFUSED_FIT_KWARGS.get(key, "not supported under DP-SGD")
+            raise TypeError(f"DPModel.fit does not take {key}: {reason}.")
+        if not self.compiled:
+            raise RuntimeError("call compile() before fit().")
+        callbacks = list(callbacks or [])
+        guards.check_callbacks(callbacks)
+        data = input_pipeline.training_data(x, y)
+        self._check_ready(data)
+        with self.distribute_strategy.scope():
+            plan = self.prepare(data.num_examples, epochs=epochs, steps=steps)
+            loop = self._loop(plan, data)
+        return run_fit(self, loop, plan, data, callbacks, verbose, validation_data,
+                       validation_freq)
+
+    def _check_ready(self, data: input_pipeline.TrainingData) -> None:
+        """Every check that must pass before budget is spent (invariants 5 and 6)."""
+        guards.validate_training_data(data, self.inner, self._dp_loss)
+        check_dp_compatible(self.inner)
+        validate.check_training_call_is_stateless(  # behaviour, not a deny-list
+            self.inner, input_shape=tuple(data.x_spec.shape),
+            dtype=data.x_spec.dtype.name if data.x_spec.dtype.is_floating else "float32")
+        guards.check_precision_policy(self.inner, self.optimizer)
+        guards.check_jit_placement(self.distribute_strategy, bool(self.jit_compile))
+        if self.dp_config.augmult > 1 and data.x_spec.shape.rank != 3:
             raise ValueError("augmult > 1 needs images [N, H, W, C]; got rank "
-                             f"{image_rank} inputs.")
-        self._prepare(num_examples, epochs, steps)
-        # A previous fit() may have been stopped in the middle of a logical step. Its partial
-        # sum was never released, so dropping it costs nothing; keeping it would count the
-        # re-sampled examples of that step twice (sensitivity 2C).
-        self._accumulator.reset()
-        start = self.logical_steps_done
-        if start >= self.plan.steps:
-            raise PrivacyBudgetExhaustedError(
-                f"all {self.plan.steps} planned logical steps were already taken (ε = "
-                f"{self.epsilon_spent():.3f}); training further would exceed the plan.")
-        # Count the micro-batches up front (Keras needs steps_per_epoch) but sample the index
-        # sets lazily inside the stream, so memory stays O(one step) however long the run is.
-        total_micro = sum(self._dp_sampler.num_microbatches(t)
-                          for t in range(start, self.plan.steps))
-        steps_per_pass = max(1, math.ceil(self.plan.num_examples / self.dp_config.expected_batch_size))
-        keras_epochs = math.ceil((self.plan.steps - start) / steps_per_pass)
-        # Keras epochs are display units of ~one data pass; they need not align with logical
-        # steps, because the accumulator carries a step across calls. PrivacyMonitor stops
-        # training right after the last planned step is released.
-        micro_per_epoch = math.ceil(total_micro / keras_epochs)
-        batches = self._dp_sampler.logical_batches(start, self.plan.steps)
-        return super().fit(make_stream(batches), epochs=keras_epochs,
-                           steps_per_epoch=micro_per_epoch,
-                           callbacks=[PrivacyMonitor(self)] + list(callbacks or []),
-                           verbose=verbose, validation_data=validation_data, shuffle=False)
+                             f"{data.x_spec.shape.rank + 1} inputs.")
+        if self.dp_state.steps_done < self.dp_state.released_high_water:
+            raise guards.DPUsageError(_ROLLBACK_MESSAGE.format(
+                now=self.dp_state.steps_done, high=self.dp_state.released_high_water))
+
+    def _loop(self, plan: accounting.PrivacyPlan, data) -> DPStepLoop:
+        """The compiled step loop for the current trainable set (rebuilt when it changes)."""
+        variables = list(self.inner.trainable_variables)
+        if not variables:
+            raise ValueError("the model has no trainable variables.")
+        key = (tuple(id(v) for v in variables), plan, data.x_spec, data.y_spec)
+        if self._runtime.get("key") == key:
+            return self._runtime["loop"]
+        if self.optimizer.built and len(self.optimizer._trainable_variables) != len(variables):
+            raise guards.DPUsageError("the set of trainable variables changed since the "
+                                      "optimizer was built: call compile() again.")
+        self.optimizer.build(variables)
+        cfg = self.dp_config
+        accumulator = DPGradientAccumulator(variables, cfg.l2_norm_clip, plan.noise_multiplier,
+                                            cfg.expected_batch_size, cfg.rescale_to_unit_norm)
+        loop = DPStepLoop(
+            self.inner, self.dp_state, self.optimizer, accumulator, self._example_loss_fn(),
+            self._built_compile_metrics(data), LoopConfig(
+                plan.num_examples, plan.sampling_rate, cfg.micro_batch_size, cfg.l2_norm_clip,
+                cfg.augmult, bool(self.jit_compile)), self.distribute_strategy)
+        self._runtime = {"key": key, "loop": loop}
+        return loop
+
+    def _example_loss_fn(self):
+        """ONE example -> (loss, prediction); with augmult the loss averages its K views."""
+        per_sample = augment.unreduced_loss(keras.losses.get(self._dp_loss))
+        model = self.inner
+        if self.dp_config.augmult > 1:
+            return augment.multiview_loss_fn(model, self._dp_loss, with_prediction=True)
+
+        def loss_fn(example):
+            x, y = example
+            prediction = model(x[None], training=True)
+            loss = tf.reduce_sum(tf.cast(per_sample(y[None], prediction), tf.float32))
+            return loss, prediction[0]
+
+        return loss_fn
+
+    def _built_compile_metrics(self, data):
+        metrics = self._compile_metrics
+        if metrics is None:
+            return None
+        if not metrics.built:
+            x = tf.zeros((1,) + tuple(data.x_spec.shape), data.x_spec.dtype)
+            y = tf.zeros((1,) + tuple(data.y_spec.shape), data.y_spec.dtype)
+            metrics.build(y, self.inner(x, training=False))
+        return metrics
 
 
-class PrivacyMonitor(keras.callbacks.Callback):
-    """Adds ``epsilon`` and ``logical_steps`` to the logs and stops at the end of the plan.
-
-    With the PLD accountant one ε evaluation costs ~0.5 s, so ε is refreshed about 50 times per
-    run (and always at the end of an epoch and of the run) instead of after every step.
-    """
-
-    PLD_REFRESHES_PER_RUN = 50
-
-    def __init__(self, dp_model: DPModel):
-        super().__init__()
-        self._dp_model = dp_model
-        self._epsilon = (-1, 0.0)  # (steps, ε) last computed
-
-    def _current_epsilon(self, steps: int, force: bool) -> float:
-        plan = self._dp_model.plan
-        interval = 1 if plan.accountant == "rdp" else max(
-            1, plan.steps // self.PLD_REFRESHES_PER_RUN)
-        if steps != self._epsilon[0] and (force or steps % interval == 0 or steps == plan.steps):
-            self._epsilon = (steps, plan.epsilon(steps))
-        return self._epsilon[1]
-
-    def _annotate(self, logs, force: bool) -> int:
-        """Writes steps and ε into ``logs``; returns the steps (one variable read per batch)."""
-        steps = self._dp_model.logical_steps_done
-        if logs is not None:
-            logs["logical_steps"] = steps
-            logs["epsilon"] = self._current_epsilon(steps, force)
-        return steps
-
-    def on_train_batch_end(self, batch, logs=None):
-        steps = self._annotate(logs, force=False)
-        if steps >= self._dp_model.plan.steps:
-            self._dp_model.stop_training = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._annotate(logs, force=True)
+_ROLLBACK_MESSAGE = (
+    "this model's DP state was restored to step {now}, but this process already released "
+    "steps up to {high} from it. Re-running released steps re-uses their noise draws, so two "
+    "versions of a step could be differenced to remove the noise. Resume from the newest "
+    "checkpoint, or start a new run (new model object, new plan).")
 
 
 def make_private(model: keras.Model, dp_config: DPConfig) -> DPModel:
     """Returns a :class:`DPModel` that trains ``model``'s variables with DP-SGD.
 
     Raises ``DPIncompatibleModelError`` if the model mixes examples (e.g. BatchNormalization in
-    training mode), naming the layer and the fix.
+    training mode), naming the layer and the fix. Wrapping the same model again continues its
+    accounting (the budget belongs to the model).
     """
     return DPModel(model, dp_config)

@@ -1,0 +1,171 @@
+"""DPModel.fit's host loop: Keras callbacks around compiled calls of whole logical steps.
+
+Order of one fit (DESIGN.md "State"):
+set-up (plan fixed, loop built) -> ``on_train_begin`` (BackupAndRestore may restore the DP state
+with the weights) -> reconcile the restored state (same plan, no rollback of released steps) ->
+hosts agree -> epochs of calls {on_train_batch_*; ε in the logs} -> validation ->
+``on_epoch_end`` (checkpoints: the accumulators are always empty here) -> ``on_train_end``.
+
+A Keras epoch is ceil(N/B) logical steps; epoch e covers steps [e·E, (e+1)·E), so a resumed run
+continues in the epoch its step counter falls in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfdpfair.privacy.accounting import PrivacyPlan
+from tfdpfair.training import distributed, guards, input_pipeline
+from tfdpfair.training.loop import ERROR_PREFIX, DPStepLoop
+
+
+class PrivacyBudgetExhaustedError(RuntimeError):
+    """fit() was asked to train further than the privacy budget allows."""
+
+
+class EpsilonLog:
+    """ε after n steps, cached; with PLD (≈0.5 s per evaluation) refreshed ~50 times per run."""
+
+    PLD_REFRESHES_PER_RUN = 50
+
+    def __init__(self, plan: PrivacyPlan):
+        self.plan = plan
+        self.interval = 1 if plan.accountant == "rdp" else max(
+            1, plan.steps // self.PLD_REFRESHES_PER_RUN)
+        self.last = (-1, 0.0)
+
+    def epsilon(self, steps: int, force: bool = False) -> float:
+        if steps != self.last[0] and (force or steps % self.interval == 0
+                                      or steps == self.plan.steps):
+            self.last = (steps, self.plan.epsilon(steps))
+        return self.last[1]
+
+
+def run_fit(dp_model, loop: DPStepLoop, plan: PrivacyPlan, data: input_pipeline.TrainingData,
+            callbacks: list, verbose: Any, validation_data: Any, validation_freq: int):
+    """The body of DPModel.fit after set-up; returns the History."""
+    state, strategy = dp_model.dp_state, dp_model.distribute_strategy
+    steps_per_epoch = max(1, math.ceil(plan.num_examples / plan.expected_batch_size))
+    per_call = max(1, int(getattr(dp_model, "steps_per_execution", 1) or 1))
+    num_epochs = math.ceil(plan.steps / steps_per_epoch)
+    callback_list = keras.callbacks.CallbackList(
+        callbacks, add_history=True, add_progbar=verbose not in (0, "0"), model=dp_model,
+        verbose=1 if verbose == "auto" else verbose, epochs=num_epochs,
+        steps=math.ceil(steps_per_epoch / per_call))
+    dp_model.stop_training = False
+    callback_list.on_train_begin()
+    start = _reconcile_restored_state(dp_model, plan)
+    distributed.check_hosts_agree(strategy, {
+        "num_examples": plan.num_examples, "planned_steps": plan.steps, "start_step": start,
+        "micro_batch_size": dp_model.dp_config.micro_batch_size,
+        "seed_checksum": sum(state.seeds().values()) % (2**61)})
+    if start >= plan.steps:
+        raise PrivacyBudgetExhaustedError(
+            f"all {plan.steps} planned logical steps were already taken (ε = "
+            f"{plan.epsilon(start):.3f}); training further would exceed the plan. The spent "
+            "budget belongs to the model: a new wrapper cannot reset it.")
+    seeds = state.seeds()
+    iterator = iter(strategy.distribute_datasets_from_function(input_pipeline.dataset_fn(
+        data, sampling_seed=seeds["sampling"], sampling_rate=plan.sampling_rate,
+        micro_batch_size=dp_model.dp_config.micro_batch_size, start_step=start,
+        end_step=plan.steps)))
+    for accumulator_sum in loop.accumulator.grad_sums:  # drop a partial step of a failed call
+        for local in strategy.experimental_local_results(accumulator_sum):
+            local.assign(tf.zeros_like(local))
+    eps_log, logs, step = EpsilonLog(plan), {}, start
+    for epoch in range(start // steps_per_epoch, num_epochs):
+        epoch_end = min(plan.steps, (epoch + 1) * steps_per_epoch)
+        logs = _run_epoch(dp_model, loop, callback_list, iterator, epoch, step, epoch_end,
+                          per_call, eps_log)
+        step = state.steps_done
+        if validation_data is not None and (epoch + 1) % validation_freq == 0:
+            logs.update(_validate(dp_model, validation_data))
+        logs.update(epsilon=eps_log.epsilon(step, force=True), logical_steps=step)
+        callback_list.on_epoch_end(epoch, logs)
+        if dp_model.stop_training or step >= plan.steps:
+            break
+    callback_list.on_train_end(logs)
+    return dp_model.history
+
+
+def _run_epoch(dp_model, loop, callback_list, iterator, epoch, step, epoch_end, per_call,
+               eps_log) -> dict:
+    state = dp_model.dp_state
+    callback_list.on_epoch_begin(epoch)
+    loop.reset()
+    logs, batch = {}, 0
+    while step < epoch_end and not dp_model.stop_training:
+        count = min(per_call, epoch_end - step)
+        callback_list.on_train_batch_begin(batch)
+        values = _call(loop, iterator, step, count)
+        state.note_released()
+        step = state.steps_done
+        logs = {k: float(np.asarray(v)) for k, v in values.items()}
+        logs.update(epsilon=eps_log.epsilon(step), logical_steps=step)
+        callback_list.on_train_batch_end(batch, logs)
+        batch += 1
+    return dict(logs)
+
+
+def _call(loop: DPStepLoop, iterator, step: int, count: int) -> dict:
+    """One compiled call; TensorFlow's own error text is withheld (it may echo private values).
+
+    A step that fails after touching data is counted (invariant 3): the failure itself can
+    depend on which examples were sampled, so it is treated as a released step.
+    """
+    try:
+        return loop.train_call(iterator, tf.constant(step, tf.int64), tf.constant(count, tf.int64))
+    except tf.errors.OpError as error:
+        message = error.message or ""
+        if ERROR_PREFIX in message:
+            ours = message[message.index(ERROR_PREFIX):].splitlines()[0]
+            raise guards.DPUsageError(ours) from None
+        _count_failed_step(loop)
+        raise RuntimeError(
+            f"a DP training step failed inside TensorFlow ({type(error).__name__} in op "
+            f"{getattr(error.op, 'type', '?') if error.op is not None else '?'}). Its message is "
+            "withheld because it can contain values of private examples; the step counter "
+            "already counts the failed step. Inputs were validated before training, so check "
+            "the model and the loss on public data (e.g. model.evaluate on a public batch)."
+        ) from None
+
+
+def _count_failed_step(loop: DPStepLoop) -> None:
+    """Counts the step in progress when a call failed (unless its release already counted it)."""
+    state, planned = loop.state, int(loop.state.plan_values.numpy()[3])
+    failed = state.steps_done  # steps before it were released and counted by the release
+    state.logical_steps.assign(min(planned, failed + 1))
+    state.note_released()
+
+
+def _validate(dp_model, validation_data) -> dict:
+    if isinstance(validation_data, (tuple, list)) and len(validation_data) >= 2:
+        results = dp_model.evaluate(validation_data[0], validation_data[1], verbose=0,
+                                    return_dict=True)
+    else:
+        results = dp_model.evaluate(validation_data, verbose=0, return_dict=True)
+    return {"val_" + k: float(v) for k, v in results.items()}
+
+
+def _reconcile_restored_state(dp_model, plan: PrivacyPlan) -> int:
+    """After on_train_begin: a callback may have restored the DP state; check and return start."""
+    state = dp_model.dp_state
+    restored = state.plan()
+    if restored != plan:
+        dp_model._check_plan_matches(restored, plan.num_examples)
+        raise guards.DPUsageError(
+            "a callback restored a DP state with a different plan "
+            f"({restored.steps} steps, σ = {restored.noise_multiplier:g}) than this fit() fixed "
+            f"({plan.steps} steps, σ = {plan.noise_multiplier:g}); resume with the same "
+            "settings as the interrupted run.")
+    if state.steps_done < state.released_high_water:
+        raise guards.DPUsageError(
+            f"the DP state was restored to step {state.steps_done} after this process released "
+            f"step {state.released_high_water}; re-running released steps reuses their noise. "
+            "Resume from the newest checkpoint or start a new run.")
+    return state.steps_done

@@ -1,0 +1,197 @@
+"""Training data for DP-SGD: index-addressable examples -> Poisson-sampled, sharded micro-batches.
+
+Poisson sampling draws example *indices* at every logical step, so the training set must be
+random-access: numpy arrays, or a tfdpfair ``IndexedSource`` (CheXpert, MIMIC-CXR, TFDS arrays).
+A stream (``tf.data.Dataset``, ``keras.utils.PyDataset``, a generator) cannot be Poisson-sampled,
+and shuffled fixed-size batches are a different mechanism with a different ε; materialise a
+finite stream first with :func:`materialize`.
+
+The pipeline runs in TensorFlow only (no Python on the training path, as TPU hosts need). For
+logical step t it draws the sample from (sampling seed, t) (privacy/sampling.py), pads it to
+k_t global micro-batches of m examples per replica × R replicas, laid out [k_t, R, m], and each
+host (``tf.distribute.InputContext``) keeps only the columns of its own replicas. Elements are
+per-replica micro-batches ``(step, x [m, ...], y [m, ...], mask [m])``, in the order
+(micro-batch, local replica), which is how ``distribute_datasets_from_function`` hands
+consecutive elements to a host's replicas. The per-host shards partition the step's sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+
+from tfdpfair.privacy import sampling
+
+GatherFn = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+
+
+class StreamNotSupportedError(TypeError):
+    """fit() was given a stream, which Poisson sampling cannot draw from."""
+
+
+STREAM_MESSAGE = (
+    "DPModel.fit needs random access to the training examples: Poisson sampling decides for "
+    "every example independently whether it joins a step, which a stream cannot do (shuffled "
+    "fixed-size batches are a different mechanism, and the reported ε would be wrong). Pass "
+    "numpy arrays x, y; or a finite dataset materialised with "
+    "`x, y = tfdpfair.training.input_pipeline.materialize(dataset)`; or an index-addressable "
+    "source (tfdpfair.data: ArraySource, TFDS via tfdpfair.data.tfds, CheXpert, MIMIC-CXR).")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    """N random-access training examples.
+
+    Attributes:
+      num_examples: N.
+      gather: maps indices int64 [m] to (x [m, ...], y [m, ...]); runs inside tf.data.
+      x_spec, y_spec: per-example TensorSpecs (no batch axis).
+      labels: every label as numpy (for validation before training), if available.
+      inputs: the inputs as numpy, if held in memory (for validation before training).
+    """
+
+    num_examples: int
+    gather: GatherFn
+    x_spec: tf.TensorSpec
+    y_spec: tf.TensorSpec
+    labels: np.ndarray | None = None
+    inputs: np.ndarray | None = None
+
+
+def is_indexed_source(data: Any) -> bool:
+    """True for a tfdpfair IndexedSource (anything with get_batch, element_spec and a length)."""
+    return hasattr(data, "get_batch") and hasattr(data, "element_spec") and hasattr(data, "__len__")
+
+
+def is_stream(data: Any) -> bool:
+    """True for inputs that can only be iterated: tf.data, PyDataset, generators, iterators."""
+    if isinstance(data, (tf.data.Dataset, tf.distribute.DistributedDataset)):
+        return True
+    if type(data).__name__ in ("PyDataset", "Sequence") or hasattr(data, "__getitem__") and hasattr(
+            data, "on_epoch_end") and not isinstance(data, np.ndarray):
+        return True
+    return hasattr(data, "__next__") or (hasattr(data, "__iter__") and not hasattr(data, "__len__"))
+
+
+def training_data(x: Any, y: Any = None, image_key: str = "image",
+                  label_key: str = "label") -> TrainingData:
+    """Wraps fit()'s (x, y) into :class:`TrainingData`, refusing what cannot be sampled."""
+    if is_indexed_source(x):
+        if y is not None:
+            raise ValueError("with an IndexedSource the labels come from the source; pass y=None.")
+        spec = x.element_spec
+
+        def gather_source(indices):
+            examples = x.get_batch(indices)
+            return examples[image_key], examples[label_key]
+
+        labels = getattr(x, "labels", None)
+        return TrainingData(len(x), gather_source, spec[image_key], spec[label_key],
+                            labels=None if labels is None else np.asarray(labels))
+    if is_stream(x) or is_stream(y):
+        raise StreamNotSupportedError(STREAM_MESSAGE)
+    if x is None or y is None:
+        raise ValueError("DPModel.fit needs inputs x and labels y (or an IndexedSource as x).")
+    if isinstance(x, (dict, list, tuple)) and not isinstance(x, np.ndarray) and not np.isscalar(x):
+        try:
+            x = np.asarray(x)
+        except ValueError:
+            raise TypeError("DPModel.fit takes one input array (multi-input models are not "
+                            "supported yet).") from None
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype == object or y.dtype == object:
+        raise TypeError("x and y must be numeric arrays of one shape each (got dtype object: "
+                        "ragged or mixed data?).")
+    if len(x) != len(y):
+        raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}.")
+    x_const, y_const = tf.constant(x), tf.constant(y)
+
+    def gather_arrays(indices):
+        return tf.gather(x_const, indices), tf.gather(y_const, indices)
+
+    return TrainingData(len(x), gather_arrays, tf.TensorSpec(x.shape[1:], tf.as_dtype(x.dtype)),
+                        tf.TensorSpec(y.shape[1:], tf.as_dtype(y.dtype)), labels=y, inputs=x)
+
+
+def materialize(dataset: Any, max_examples: int = 10_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a finite stream of (x, y) examples or batches into numpy arrays x [N, ...], y [N, ...].
+
+    For ``tf.data.Dataset`` (batched or not), ``keras.utils.PyDataset`` or any iterable of
+    (x, y) pairs. Holds everything in memory; for datasets that do not fit, use an
+    IndexedSource instead. Raises if the stream yields more than ``max_examples`` examples.
+    """
+    xs, ys, batched = [], [], None
+    count = 0
+    iterable = dataset if not hasattr(dataset, "__getitem__") or isinstance(
+        dataset, tf.data.Dataset) else (dataset[i] for i in range(len(dataset)))
+    for element in iterable:
+        if not isinstance(element, (tuple, list)) or len(element) < 2:
+            raise ValueError("materialize() needs elements (x, y); got another structure.")
+        x, y = (np.asarray(element[0]), np.asarray(element[1]))
+        if batched is None:
+            batched = x.ndim > 0 and y.ndim > 0 and x.shape[0] == y.shape[0] and y.ndim >= 1
+        xs.append(x if batched else x[None])
+        ys.append(y if batched else y[None])
+        count += len(xs[-1])
+        if count > max_examples:
+            raise ValueError(f"the stream has more than {max_examples} examples; use an "
+                             "IndexedSource for data that does not fit in memory.")
+    if not xs:
+        raise ValueError("the stream is empty.")
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def dataset_fn(data: TrainingData, *, sampling_seed: int, sampling_rate: float,
+               micro_batch_size: int, start_step: int, end_step: int
+               ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """The per-host dataset function for ``strategy.distribute_datasets_from_function``.
+
+    Emits, for steps start_step <= t < end_step, this host's per-replica micro-batches
+    ``(t, x, y, mask)`` (see the module docstring for the layout).
+    """
+    n, m = data.num_examples, micro_batch_size
+
+    def make(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        replicas = context.num_replicas_in_sync
+        local = replicas // context.num_input_pipelines
+        first = context.input_pipeline_id * local
+
+        def step_elements(step):
+            indices, mask = host_columns(step, replicas, first, local)
+            steps = tf.fill(tf.shape(mask)[:1], step)
+            return tf.data.Dataset.from_tensor_slices((steps, indices, mask))
+
+        def host_columns(step, replicas, first, local):
+            sample = sampling.poisson_sample(sampling_seed, step, n, sampling_rate)
+            indices, mask = sampling.pack_sample(sample, m * replicas)
+            indices = tf.reshape(indices, [-1, replicas, m])[:, first:first + local]
+            mask = tf.reshape(mask, [-1, replicas, m])[:, first:first + local]
+            return tf.reshape(indices, [-1, m]), tf.reshape(mask, [-1, m])
+
+        def read(step, indices, mask):
+            x, y = data.gather(indices)
+            return step, x, y, mask
+
+        steps = tf.data.Dataset.range(start_step, end_step)
+        return (steps.flat_map(step_elements)
+                .map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .prefetch(2))
+
+    return make
+
+
+def host_shard(step: int, *, sampling_seed: int, num_examples: int, sampling_rate: float,
+               micro_batch_size: int, num_replicas: int, num_hosts: int, host: int
+               ) -> np.ndarray:
+    """The sampled indices (mask 1) that ``host`` reads at ``step``: for tests and audits."""
+    context = tf.distribute.InputContext(num_input_pipelines=num_hosts, input_pipeline_id=host,
+                                         num_replicas_in_sync=num_replicas)
+    data = TrainingData(num_examples, lambda i: (i, i), tf.TensorSpec([], tf.int64),
+                        tf.TensorSpec([], tf.int64))
+    ds = dataset_fn(data, sampling_seed=sampling_seed, sampling_rate=sampling_rate,
+                    micro_batch_size=micro_batch_size, start_step=step, end_step=step + 1)(context)
+    chosen = [indices[mask > 0] for _, indices, _, mask in ds.as_numpy_iterator()]
+    return np.concatenate(chosen) if chosen else np.zeros([0], np.int64)

@@ -1,0 +1,183 @@
+"""The distributed DP-SGD step loop: one code path for no strategy, Mirrored, MultiWorker, TPU.
+
+One call of :meth:`DPStepLoop.train_call` runs s logical steps. For step t it
+
+1. computes k_t, the number of global micro-batches of the step, from (sampling seed, t): the
+   same number the input pipeline emits on every host (training/input_pipeline.py), so all
+   replicas agree where the step ends and no collective sits inside a data-dependent branch;
+2. runs k_t ``strategy.run(accumulate)`` calls: each replica clips its micro-batch's per-example
+   gradients and adds the clipped sum to its *local* accumulator (no communication);
+3. runs one ``strategy.run(release)``: after in-graph checks that t is the next step and within
+   the plan's T, the step counter moves first (a step that fails later is still counted), then
+   each replica passes (L_r + [r = 0]·n)/(B·s) to ``optimizer.apply``, whose all-reduce SUM gives
+   (Σ_r L_r + n)/(B·s): the noise is added once (privacy/dp_sgd.py).
+
+Host-side logging reads the monitoring metrics once per call, never per micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+
+from tfdpfair.data import augment
+from tfdpfair.privacy import sampling
+from tfdpfair.privacy.clipping import clipped_grad_sum
+from tfdpfair.privacy.dp_sgd import DPGradientAccumulator
+from tfdpfair.training.dp_state import DPState
+
+NONPRIVATE_PREFIX = "nonprivate_"
+ERROR_PREFIX = "tfdpfair:"
+
+
+class TrainingMonitors:
+    """Un-noised statistics of the training micro-batches, for monitoring only.
+
+    They are computed from private data without noise: shown in the progress bar and history
+    under ``nonprivate_*`` names, never to be published or acted on (DPModel refuses callbacks
+    that monitor them). Held outside Keras tracking, so they are not saved with the model.
+    """
+
+    def __init__(self):
+        self.loss = keras.metrics.Mean(name="loss")
+        self.clipped_fraction = keras.metrics.Mean(name="clipped_fraction")
+        self.nonfinite_examples = keras.metrics.Sum(name="nonfinite_examples")
+
+    def all(self) -> list[keras.metrics.Metric]:
+        return [self.loss, self.clipped_fraction, self.nonfinite_examples]
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    """Static settings of the compiled loop (all public; no seeds or data)."""
+
+    num_examples: int
+    sampling_rate: float
+    micro_batch_size: int
+    l2_norm_clip: float
+    augmult: int
+    jit_compile: bool
+
+
+class DPStepLoop:
+    """Compiled DP-SGD steps over a distributed micro-batch iterator (see module docstring)."""
+
+    def __init__(self, model: keras.Model, state: DPState, optimizer: keras.optimizers.Optimizer,
+                 accumulator: DPGradientAccumulator, example_loss: Callable[[Any], Any],
+                 compile_metrics: Any, config: LoopConfig, strategy: tf.distribute.Strategy):
+        self.model, self.state, self.optimizer = model, state, optimizer
+        self.accumulator, self.example_loss = accumulator, example_loss
+        self.compile_metrics, self.config, self.strategy = compile_metrics, config, strategy
+        self.monitors = TrainingMonitors()
+        self.variables = list(model.trainable_variables)
+        self.train_call = tf.function(self._train_call)
+        self._accumulate_fn = tf.function(self._accumulate, jit_compile=config.jit_compile)
+        self._release_fn = tf.function(self._release, jit_compile=False)
+
+    # ---- replica functions ---------------------------------------------------------------
+
+    def _accumulate(self, element, step, microbatch):
+        """Replica context: clip this replica's micro-batch and add it to the local sum."""
+        element_step, x, y, mask = element
+        check = tf.debugging.assert_equal(
+            element_step, step, message=f"{ERROR_PREFIX} the input pipeline and the step loop "
+            "disagree on where a logical step ends (different seeds, data sizes or micro-batch "
+            "counts on different hosts?)")
+        with tf.control_dependencies([check]):
+            if self.config.augmult > 1:
+                # Fresh views for every (step, micro-batch, replica), statelessly.
+                replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+                column = microbatch * self.strategy.num_replicas_in_sync + tf.cast(replica,
+                                                                                    tf.int64)
+                seed = tf.random.experimental.stateless_fold_in(
+                    tf.stack([self.state.seed_values[2], step]), column)
+                x = augment.make_views(x, self.config.augmult, seed)
+            clipped = clipped_grad_sum(self.example_loss, self.variables, (x, y), mask,
+                                       self.config.l2_norm_clip, has_aux=True)
+        self.accumulator.accumulate(clipped)
+        n = clipped.num_examples
+        self.monitors.loss.update_state(clipped.loss_sum / tf.maximum(n, 1.0), sample_weight=n)
+        self.monitors.clipped_fraction.update_state(
+            clipped.num_clipped / tf.maximum(n, 1.0), sample_weight=n)
+        self.monitors.nonfinite_examples.update_state(clipped.num_nonfinite)
+        if self.compile_metrics is not None:
+            _update_masked(self.compile_metrics, y, clipped.aux, clipped.kept)
+
+    def _release_checks(self, step) -> list[tf.Operation]:
+        """In-graph refusal of a release that is out of order or beyond the plan's T."""
+        planned_steps = tf.cast(self.state.plan_values[3], tf.int64)
+        return [
+            tf.debugging.assert_equal(
+                tf.convert_to_tensor(self.state.logical_steps), step,
+                message=f"{ERROR_PREFIX} release of a step out of order refused"),
+            tf.debugging.assert_less(
+                step, planned_steps, message=f"{ERROR_PREFIX} the privacy plan's steps are used "
+                "up; releasing another step would exceed the budget"),
+        ]
+
+    def _release(self, step):
+        """Replica context: checks, count the step, add the noise once, apply the update."""
+        with tf.control_dependencies(self._release_checks(step)):
+            counted = self.state.logical_steps.assign_add(1)
+        with tf.control_dependencies([counted]):
+            seed = self.state.seed_values[1]
+            update = self.accumulator.replica_update(seed, step)
+        self.optimizer.apply(update, self.variables)
+
+    # ---- the call ------------------------------------------------------------------------
+
+    def _num_microbatches(self, step):
+        replicas = self.strategy.num_replicas_in_sync
+        sample = sampling.poisson_sample(self.state.seed_values[0], step,
+                                         self.config.num_examples, self.config.sampling_rate)
+        return sampling.num_global_microbatches(
+            tf.size(sample, out_type=tf.int64), self.config.micro_batch_size * replicas)
+
+    def _train_call(self, iterator, first_step, num_steps):
+        """Runs ``num_steps`` logical steps from ``first_step``; returns the monitor values."""
+        for i in tf.range(num_steps):
+            step = first_step + i
+            for microbatch in tf.range(self._num_microbatches(step)):
+                self.strategy.run(self._accumulate_fn, args=(next(iterator), step, microbatch))
+            # The same checks on the host as well: XLA (TPU, jit_compile) drops Assert ops
+            # inside compiled replica functions, but this outer loop runs as ordinary TF.
+            with tf.control_dependencies(self._release_checks(step)):
+                self.strategy.run(self._release_fn, args=(step,))
+        return self.results()
+
+    def results(self) -> dict[str, tf.Tensor]:
+        """Monitoring values, named ``nonprivate_*`` (read in cross-replica context)."""
+        logs = {NONPRIVATE_PREFIX + m.name: m.result() for m in self.monitors.all()}
+        if self.compile_metrics is not None:
+            for name, value in self.compile_metrics.result().items():
+                logs[NONPRIVATE_PREFIX + name] = value
+        return logs
+
+    def reset(self) -> None:
+        for metric in self.monitors.all():
+            metric.reset_state()
+        if self.compile_metrics is not None:
+            self.compile_metrics.reset_state()
+
+
+
+def _update_masked(compile_metrics: Any, y: tf.Tensor, prediction: tf.Tensor,
+                   kept: tf.Tensor) -> None:
+    """Updates every compiled metric with padding rows weighted 0.
+
+    Keras's CompileMetrics passes sample weights only to ``weighted_metrics``; plain
+    ``metrics`` would count the padding rows of a micro-batch (their number depends on the
+    replica count), so both lists are updated here with the mask as weight (single output).
+    """
+    groups = [getattr(compile_metrics, "_flat_metrics", None),
+              getattr(compile_metrics, "_flat_weighted_metrics", None)]
+    if any(g is None for g in groups):
+        compile_metrics.update_state(y, prediction, sample_weight=kept)
+        return
+    for group in groups:
+        for metric in group:
+            if metric:
+                metric.update_state(y, prediction, sample_weight=kept)
