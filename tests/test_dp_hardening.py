@@ -284,3 +284,11 @@ def test_layer_with_data_dependent_state_is_refused_before_training():
         dp.fit(x, y, steps=2, verbose=0)
     assert dp.logical_steps_done == 0
     np.testing.assert_array_equal(model.get_layer("running_mean").mean.numpy(), np.zeros(4))
+
+
+def test_validation_on_the_training_arrays_is_refused():
+    x, y = toy()
+    dp = private(dense())
+    with pytest.raises(DPUsageError, match="held-out"):
+        dp.fit(x, y, steps=2, verbose=0, validation_data=(x[:20], y[:20]))
+    assert dp.logical_steps_done == 0

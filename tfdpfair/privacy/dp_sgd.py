@@ -42,6 +42,9 @@ class DPConfig:
       augmult: K views per example (1 = no augmentation multiplicity). With K > 1, images
         [B, H, W, C] get K random crops/flips each per step (data/augment.py) and the
         per-example loss is the mean over the K views, so one example is still clipped once.
+      ema_decay: keep an EMA of the released weights with this decay (warm-up
+        min(decay, (1+t)/(10+t))); None keeps none. Post-processing: no privacy cost.
+      polyak: keep the Polyak average (running mean) of the released weights.
       noise_seed: seed of the Gaussian noise; None draws a secret one. Fix only for tests.
       sampling_seed: seed of the Poisson sampler; None draws a secret one. Fix only for tests.
     """
@@ -55,6 +58,8 @@ class DPConfig:
     accountant: str = "rdp"
     rescale_to_unit_norm: bool = False
     augmult: int = 1
+    ema_decay: float | None = None
+    polyak: bool = False
     noise_seed: int | None = None
     sampling_seed: int | None = None
 
@@ -71,6 +76,8 @@ class DPConfig:
             raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}.")
         if not self.augmult >= 1:
             raise ValueError(f"augmult must be >= 1, got {self.augmult}.")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}.")
 
 
 class DPGradientAccumulator(tf.Module):

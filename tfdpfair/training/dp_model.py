@@ -33,7 +33,7 @@ from tfdpfair.models.validate import check_dp_compatible
 from tfdpfair.privacy import accounting, sampling
 from tfdpfair.privacy.dp_sgd import DPConfig, DPGradientAccumulator
 from tfdpfair.models import validate
-from tfdpfair.training import distributed, guards, input_pipeline, release
+from tfdpfair.training import averaging, distributed, guards, input_pipeline, release
 from tfdpfair.training.dp_state import DPState, state_for_model
 from tfdpfair.training.loop import DPStepLoop, LoopConfig
 from tfdpfair.training.fit_loop import PrivacyBudgetExhaustedError, run_fit
@@ -68,6 +68,10 @@ class DPModel(keras.Model):
         self.dp_config = dp_config
         with self.distribute_strategy.scope():
             self.dp_state: DPState = state_for_model(model)
+            self.averages = averaging.ParameterAverages(
+                [v.shape for v in model.trainable_variables], dp_config.ema_decay,
+                dp_config.polyak, name="parameter_averages") if (
+                    dp_config.ema_decay is not None or dp_config.polyak) else None
         self._runtime: dict[str, Any] = {}
         self.built = True
 
@@ -128,13 +132,32 @@ class DPModel(keras.Model):
         plan = self.plan
         return 0.0 if plan is None else plan.epsilon(self.logical_steps_done)
 
-    def export_release(self, directory) -> Any:
+    def export_release(self, directory, weights: str = "last") -> Any:
         """Writes the publishable artefact: the inner model and the privacy statement, no seeds.
 
-        See training/release.py; a resume checkpoint (``save``, ``save_weights``) is not a
-        release, because it holds the secret seeds.
+        ``weights`` is "last", "ema" or "polyak". See training/release.py; a resume checkpoint
+        (``save``, ``save_weights``) is not a release, because it holds the secret seeds.
         """
-        return release.export_release(self, directory)
+        return release.export_release(self, directory, weights)
+
+    # ---- averaged weights ------------------------------------------------------------
+
+    def average_names(self) -> list[str]:
+        """The weight averages this run keeps: a subset of ["ema", "polyak"]."""
+        return [] if self.averages is None else self.averages.names
+
+    def averaged_weights(self, name: str) -> list:
+        """The ``name`` average of the trainable variables (numpy arrays, their order)."""
+        if self.averages is None:
+            raise ValueError("this run keeps no averages: set DPConfig.ema_decay or polyak.")
+        return self.averages.values(name)
+
+    def swapped_weights(self, name: str):
+        """Context manager: the inner model holds the ``name`` ("last", "ema", "polyak")
+        weights inside the block (evaluate, predict, export), the last ones after it."""
+        if name == "last":
+            return averaging.swapped([], [])
+        return averaging.swapped(self.inner.trainable_variables, self.averaged_weights(name))
 
     # ---- planning ------------------------------------------------------------------------
 
@@ -237,6 +260,7 @@ class DPModel(keras.Model):
         callbacks = list(callbacks or [])
         guards.check_callbacks(callbacks)
         data = input_pipeline.training_data(x, y)
+        guards.check_validation_is_held_out(data, validation_data)
         self._check_ready(data)
         with self.distribute_strategy.scope():
             plan = self.prepare(data.num_examples, epochs=epochs, steps=steps)
@@ -271,6 +295,10 @@ class DPModel(keras.Model):
         if self.optimizer.built and len(self.optimizer._trainable_variables) != len(variables):
             raise guards.DPUsageError("the set of trainable variables changed since the "
                                       "optimizer was built: call compile() again.")
+        if self.averages is not None and self.averages.shapes != [tuple(v.shape) for v in variables]:
+            raise guards.DPUsageError("the trainable variables changed since make_private, so "
+                                      "the EMA/Polyak averages no longer match them; wrap the "
+                                      "model again after changing what is trained.")
         self.optimizer.build(variables)
         cfg = self.dp_config
         accumulator = DPGradientAccumulator(variables, cfg.l2_norm_clip, plan.noise_multiplier,
@@ -279,7 +307,7 @@ class DPModel(keras.Model):
             self.inner, self.dp_state, self.optimizer, accumulator, self._example_loss_fn(),
             self._built_compile_metrics(data), LoopConfig(
                 plan.num_examples, plan.sampling_rate, cfg.micro_batch_size, cfg.l2_norm_clip,
-                cfg.augmult, bool(self.jit_compile)), self.distribute_strategy)
+                cfg.augmult, bool(self.jit_compile)), self.distribute_strategy, self.averages)
         self._runtime = {"key": key, "loop": loop}
         return loop
 

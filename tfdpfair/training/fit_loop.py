@@ -69,6 +69,8 @@ def run_fit(dp_model, loop: DPStepLoop, plan: PrivacyPlan, data: input_pipeline.
             f"all {plan.steps} planned logical steps were already taken (ε = "
             f"{plan.epsilon(start):.3f}); training further would exceed the plan. The spent "
             "budget belongs to the model: a new wrapper cannot reset it.")
+    if dp_model.averages is not None and not int(dp_model.averages.initialized.numpy()):
+        dp_model.averages.start_from(loop.variables)  # θ_0, before this run's first step
     seeds = state.seeds()
     iterator = iter(strategy.distribute_datasets_from_function(input_pipeline.dataset_fn(
         data, sampling_seed=seeds["sampling"], sampling_rate=plan.sampling_rate,

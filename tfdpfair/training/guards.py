@@ -47,6 +47,22 @@ def check_callbacks(callbacks: Iterable[keras.callbacks.Callback]) -> None:
                 "private training set.")
 
 
+def check_validation_is_held_out(data: TrainingData, validation_data: Any) -> None:
+    """Refuses validation arrays that are (views of) the private training inputs.
+
+    ``val_*`` metrics are what callbacks may act on; computed on the training set they would be
+    un-noised private statistics under a public name.
+    """
+    if data.inputs is None or not isinstance(validation_data, (tuple, list)):
+        return
+    val_x = validation_data[0] if validation_data else None
+    if isinstance(val_x, np.ndarray) and np.shares_memory(val_x, data.inputs):
+        raise DPUsageError(
+            "validation_data shares memory with the private training inputs: val_* metrics "
+            "computed on training data are un-noised private statistics, and callbacks act on "
+            "them. Pass a held-out split (or public data) as validation_data.")
+
+
 def check_precision_policy(model: keras.Model, optimizer: Any) -> None:
     """Refuses ``mixed_float16``: dynamic loss scaling is a data-dependent, un-noised decision.
 

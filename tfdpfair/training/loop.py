@@ -67,10 +67,12 @@ class DPStepLoop:
 
     def __init__(self, model: keras.Model, state: DPState, optimizer: keras.optimizers.Optimizer,
                  accumulator: DPGradientAccumulator, example_loss: Callable[[Any], Any],
-                 compile_metrics: Any, config: LoopConfig, strategy: tf.distribute.Strategy):
+                 compile_metrics: Any, config: LoopConfig, strategy: tf.distribute.Strategy,
+                 averages: Any = None):
         self.model, self.state, self.optimizer = model, state, optimizer
         self.accumulator, self.example_loss = accumulator, example_loss
         self.compile_metrics, self.config, self.strategy = compile_metrics, config, strategy
+        self.averages = averages  # training/averaging.py, or None
         self.monitors = TrainingMonitors()
         self.variables = list(model.trainable_variables)
         self.train_call = tf.function(self._train_call)
@@ -146,6 +148,8 @@ class DPStepLoop:
             # inside compiled replica functions, but this outer loop runs as ordinary TF.
             with tf.control_dependencies(self._release_checks(step)):
                 self.strategy.run(self._release_fn, args=(step,))
+            if self.averages is not None:  # post-processing of the released weights
+                self.averages.update(self.variables, step)
         return self.results()
 
     def results(self) -> dict[str, tf.Tensor]:

@@ -29,8 +29,13 @@ PRIVACY_JSON = "privacy.json"
 PRIVACY_MD = "PRIVACY.md"
 
 
-def export_release(dp_model, directory: str | os.PathLike) -> pathlib.Path:
-    """Writes the release export of a trained DPModel into ``directory`` (replaced if present)."""
+def export_release(dp_model, directory: str | os.PathLike, weights: str = "last"
+                   ) -> pathlib.Path:
+    """Writes the release export of a trained DPModel into ``directory`` (replaced if present).
+
+    ``weights``: "last", or an average the run keeps ("ema", "polyak"; post-processing of the
+    released weights, so the same guarantee).
+    """
     plan = dp_model.plan
     if plan is None:
         raise ValueError("nothing to release: this DPModel has no privacy plan (not trained).")
@@ -39,8 +44,9 @@ def export_release(dp_model, directory: str | os.PathLike) -> pathlib.Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        dp_model.inner.save(staging / MODEL_FILE)
-        record = {"plan": dataclasses.asdict(plan), "logical_steps": steps,
+        with dp_model.swapped_weights(weights):
+            dp_model.inner.save(staging / MODEL_FILE)
+        record = {"weights": weights,"plan": dataclasses.asdict(plan), "logical_steps": steps,
                   "epsilon": plan.epsilon(steps), "delta": plan.delta,
                   "accountant": plan.accountant,
                   "l2_norm_clip": dp_model.dp_config.l2_norm_clip,
