@@ -136,19 +136,23 @@ class DPGradientAccumulator(tf.Module):
             total.assign_add(tf.cast(part, tf.float32))
         self.num_examples.assign_add(clipped.num_examples)
 
-    def replica_update(self, noise_seed: tf.Tensor | int, step: tf.Tensor | int
-                       ) -> list[tf.Tensor]:
-        """This replica's share (L_r + [r = 0]·n) / (B·s) of step ``step``; resets the sums.
+    def replica_update(self, noise_seed: tf.Tensor | int, step: tf.Tensor | int,
+                       extra: Sequence[tf.Tensor] | None = None) -> list[tf.Tensor]:
+        """This replica's share (L_r + [r = 0]·(n + e)) / (B·s) of step ``step``; resets the sums.
 
         Call exactly once per logical step and replica, in replica context (or with no
         strategy), also for a step that sampled no example: its update is pure noise, and it is
-        accounted. The caller all-reduces the shares (``optimizer.apply`` does).
+        accounted. The caller all-reduces the shares (``optimizer.apply`` does). ``extra`` (e)
+        is a pre-noise contribution added once, by replica 0: the summed clipped gradients of
+        audit canaries (tfdpfair/audit), each of norm <= C like any example's.
         """
         context = tf.distribute.get_replica_context()
         first = tf.equal(context.replica_id_in_sync_group, 0) if context is not None else True
         seed = noise_lib.step_seed(noise_seed, step)
         noise = noise_lib.gaussian_noise_like(self.grad_sums, self.noise_stddev, seed)
         # Read the sums into tensors before resetting the variables they came from.
+        if extra is not None:
+            noise = [n + tf.cast(e, tf.float32) for n, e in zip(noise, extra)]
         noisy = [tf.identity(total) + tf.where(first, n, tf.zeros_like(n))
                  for total, n in zip(self.grad_sums, noise)]
         with tf.control_dependencies(noisy):

@@ -73,6 +73,7 @@ class DPModel(keras.Model):
                 dp_config.polyak, name="parameter_averages") if (
                     dp_config.ema_decay is not None or dp_config.polyak) else None
         self._runtime: dict[str, Any] = {}
+        self._audit_canaries = None
         self.built = True
 
     def call(self, inputs, training=False):
@@ -139,6 +140,13 @@ class DPModel(keras.Model):
         (``save``, ``save_weights``) is not a release, because it holds the secret seeds.
         """
         return release.export_release(self, directory, weights)
+
+    def set_audit_canaries(self, canaries: Any) -> None:
+        """For privacy audits only (tfdpfair/audit): gradient canaries whose
+        ``contribution(step)`` (the sum of the step's sampled canaries, each of norm <= C, in
+        the order of the trainable variables) joins the clipped sum before the noise."""
+        self._audit_canaries = canaries
+        self._runtime = {}
 
     # ---- averaged weights ------------------------------------------------------------
 
@@ -308,6 +316,7 @@ class DPModel(keras.Model):
             self._built_compile_metrics(data), LoopConfig(
                 plan.num_examples, plan.sampling_rate, cfg.micro_batch_size, cfg.l2_norm_clip,
                 cfg.augmult, bool(self.jit_compile)), self.distribute_strategy, self.averages)
+        loop.canaries = self._audit_canaries
         self._runtime = {"key": key, "loop": loop}
         return loop
 

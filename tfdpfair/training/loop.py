@@ -73,6 +73,7 @@ class DPStepLoop:
         self.accumulator, self.example_loss = accumulator, example_loss
         self.compile_metrics, self.config, self.strategy = compile_metrics, config, strategy
         self.averages = averages  # training/averaging.py, or None
+        self.canaries = None  # tfdpfair/audit gradient canaries (audit runs only), or None
         self.monitors = TrainingMonitors()
         self.variables = list(model.trainable_variables)
         self.train_call = tf.function(self._train_call)
@@ -126,7 +127,8 @@ class DPStepLoop:
             counted = self.state.logical_steps.assign_add(1)
         with tf.control_dependencies([counted]):
             seed = self.state.seed_values[1]
-            update = self.accumulator.replica_update(seed, step)
+            extra = None if self.canaries is None else self.canaries.contribution(step)
+            update = self.accumulator.replica_update(seed, step, extra)
         self.optimizer.apply(update, self.variables)
 
     # ---- the call ------------------------------------------------------------------------
