@@ -273,6 +273,8 @@ class PrivacyPlan:
       delta: δ.
       accountant: "rdp" or "pld".
       target_epsilon: the budget, if one was set; T never exceeds what it affords.
+      unit: the unit of privacy N counts: "example" (one image) or "patient" (all of one
+        patient's images; see tfdpfair/training/patients.py).
     """
 
     num_examples: int
@@ -282,6 +284,7 @@ class PrivacyPlan:
     delta: float
     accountant: AccountantKind = "rdp"
     target_epsilon: float | None = None
+    unit: str = "example"
 
     @property
     def sampling_rate(self) -> float:

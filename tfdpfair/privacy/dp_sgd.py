@@ -42,6 +42,10 @@ class DPConfig:
       augmult: K views per example (1 = no augmentation multiplicity). With K > 1, images
         [B, H, W, C] get K random crops/flips each per step (data/augment.py) and the
         per-example loss is the mean over the K views, so one example is still clipped once.
+      privacy_unit: "example" (one image) or "patient" (all of a patient's images:
+        Poisson sampling over patients, up to ``max_examples_per_patient`` images per sampled
+        patient per step, their mean loss clipped as one; expected_batch_size counts patients).
+      max_examples_per_patient: k, the cap on one patient's images per step ("patient" only).
       ema_decay: keep an EMA of the released weights with this decay (warm-up
         min(decay, (1+t)/(10+t))); None keeps none. Post-processing: no privacy cost.
       polyak: keep the Polyak average (running mean) of the released weights.
@@ -58,6 +62,8 @@ class DPConfig:
     accountant: str = "rdp"
     rescale_to_unit_norm: bool = False
     augmult: int = 1
+    privacy_unit: str = "example"
+    max_examples_per_patient: int = 1
     ema_decay: float | None = None
     polyak: bool = False
     noise_seed: int | None = None
@@ -76,6 +82,12 @@ class DPConfig:
             raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}.")
         if not self.augmult >= 1:
             raise ValueError(f"augmult must be >= 1, got {self.augmult}.")
+        if self.privacy_unit not in ("example", "patient"):
+            raise ValueError(f"privacy_unit must be 'example' or 'patient', got "
+                             f"{self.privacy_unit!r}.")
+        if not self.max_examples_per_patient >= 1:
+            raise ValueError("max_examples_per_patient must be >= 1, got "
+                             f"{self.max_examples_per_patient}.")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}.")
 

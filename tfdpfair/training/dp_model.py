@@ -33,7 +33,8 @@ from tfdpfair.models.validate import check_dp_compatible
 from tfdpfair.privacy import accounting, sampling
 from tfdpfair.privacy.dp_sgd import DPConfig, DPGradientAccumulator
 from tfdpfair.models import validate
-from tfdpfair.training import averaging, distributed, guards, input_pipeline, release
+from tfdpfair.training import (averaging, distributed, example_loss, guards, input_pipeline,
+                               release)
 from tfdpfair.training.dp_state import DPState, state_for_model
 from tfdpfair.training.loop import DPStepLoop, LoopConfig
 from tfdpfair.training.fit_loop import PrivacyBudgetExhaustedError, run_fit
@@ -171,12 +172,16 @@ class DPModel(keras.Model):
 
     def plan_privacy(self, num_examples: int, epochs: float | None = None,
                      steps: int | None = None) -> accounting.PrivacyPlan:
-        """σ, q, T, δ for a run over ``num_examples`` private examples (not stored)."""
+        """σ, q, T, δ for a run over ``num_examples`` private units (not stored).
+
+        The units are examples, or patients with ``DPConfig(privacy_unit="patient")``.
+        """
         cfg = self.dp_config
-        return accounting.plan_dp_sgd(
+        plan = accounting.plan_dp_sgd(
             num_examples=num_examples, expected_batch_size=cfg.expected_batch_size,
             steps=steps, epochs=epochs, noise_multiplier=cfg.noise_multiplier,
             target_epsilon=cfg.target_epsilon, delta=cfg.delta, accountant=cfg.accountant)
+        return dataclasses.replace(plan, unit=cfg.privacy_unit)
 
     def prepare(self, num_examples: int, epochs: float | None = None,
                 steps: int | None = None) -> accounting.PrivacyPlan:
@@ -245,7 +250,7 @@ class DPModel(keras.Model):
 
     def fit(self, x=None, y=None, epochs: float | None = None, steps: int | None = None,
             callbacks=None, verbose="auto", validation_data=None, validation_freq: int = 1,
-            **kwargs):
+            patient_ids=None, **kwargs):
         """Runs DP-SGD over the N private examples ``x``, ``y`` (see module docstring).
 
         Args:
@@ -256,6 +261,8 @@ class DPModel(keras.Model):
             the plan's first fixing uses them; later calls continue the same plan.
           steps: number of logical steps T.
           callbacks, verbose, validation_data, validation_freq: as in keras.Model.fit.
+          patient_ids: with ``privacy_unit="patient"``, one id per example (default: the
+            source's ``patient_ids``); epochs then count passes over the patients.
 
         Returns:
           The Keras History, with ``epsilon`` and ``logical_steps`` after each epoch.
@@ -267,14 +274,27 @@ class DPModel(keras.Model):
             raise RuntimeError("call compile() before fit().")
         callbacks = list(callbacks or [])
         guards.check_callbacks(callbacks)
-        data = input_pipeline.training_data(x, y)
+        data = self._training_data(x, y, patient_ids)
         guards.check_validation_is_held_out(data, validation_data)
         self._check_ready(data)
         with self.distribute_strategy.scope():
-            plan = self.prepare(data.num_examples, epochs=epochs, steps=steps)
+            plan = self.prepare(data.num_units, epochs=epochs, steps=steps)
             loop = self._loop(plan, data)
         return run_fit(self, loop, plan, data, callbacks, verbose, validation_data,
                        validation_freq)
+
+    def _training_data(self, x, y, patient_ids) -> input_pipeline.TrainingData:
+        data = input_pipeline.training_data(x, y)
+        if self.dp_config.privacy_unit == "example":
+            if patient_ids is not None:
+                raise ValueError("patient_ids given, but DPConfig.privacy_unit is 'example'; "
+                                 "set privacy_unit='patient' for patient-level DP.")
+            return data
+        ids = patient_ids if patient_ids is not None else getattr(x, "patient_ids", None)
+        if ids is None:
+            raise ValueError("privacy_unit='patient' needs patient ids: pass fit(..., "
+                             "patient_ids=...) or a source with patient_ids (CheXpert, MIMIC).")
+        return input_pipeline.with_patients(data, ids, self.dp_config.max_examples_per_patient)
 
     def _check_ready(self, data: input_pipeline.TrainingData) -> None:
         """Every check that must pass before budget is spent (invariants 5 and 6)."""
@@ -312,28 +332,14 @@ class DPModel(keras.Model):
         accumulator = DPGradientAccumulator(variables, cfg.l2_norm_clip, plan.noise_multiplier,
                                             cfg.expected_batch_size, cfg.rescale_to_unit_norm)
         loop = DPStepLoop(
-            self.inner, self.dp_state, self.optimizer, accumulator, self._example_loss_fn(),
+            self.inner, self.dp_state, self.optimizer, accumulator, example_loss.example_loss_fn(
+                self.inner, self._dp_loss, cfg.augmult, data.patients is not None),
             self._built_compile_metrics(data), LoopConfig(
                 plan.num_examples, plan.sampling_rate, cfg.micro_batch_size, cfg.l2_norm_clip,
                 cfg.augmult, bool(self.jit_compile)), self.distribute_strategy, self.averages)
         loop.canaries = self._audit_canaries
         self._runtime = {"key": key, "loop": loop}
         return loop
-
-    def _example_loss_fn(self):
-        """ONE example -> (loss, prediction); with augmult the loss averages its K views."""
-        per_sample = augment.unreduced_loss(keras.losses.get(self._dp_loss))
-        model = self.inner
-        if self.dp_config.augmult > 1:
-            return augment.multiview_loss_fn(model, self._dp_loss, with_prediction=True)
-
-        def loss_fn(example):
-            x, y = example
-            prediction = model(x[None], training=True)
-            loss = tf.reduce_sum(tf.cast(per_sample(y[None], prediction), tf.float32))
-            return loss, prediction[0]
-
-        return loss_fn
 
     def _built_compile_metrics(self, data):
         metrics = self._compile_metrics

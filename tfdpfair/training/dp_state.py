@@ -32,7 +32,8 @@ from tfdpfair.privacy.accounting import PrivacyPlan
 
 _ACCOUNTANT_CODES = {"rdp": 1.0, "pld": 2.0}
 PLAN_FIELDS = ("num_examples", "expected_batch_size", "noise_multiplier", "steps", "delta",
-               "accountant", "target_epsilon", "l2_norm_clip")
+               "accountant", "target_epsilon", "l2_norm_clip", "unit")
+_UNIT_CODES = {"example": 0.0, "patient": 1.0}
 SEED_FIELDS = ("sampling", "noise", "augment")
 
 
@@ -81,7 +82,8 @@ class DPState(keras.layers.Layer):
             expected_batch_size=values["expected_batch_size"],
             noise_multiplier=values["noise_multiplier"], steps=int(values["steps"]),
             delta=values["delta"], accountant=accountant,
-            target_epsilon=None if math.isnan(target) else target)
+            target_epsilon=None if math.isnan(target) else target,
+            unit={v: k for k, v in _UNIT_CODES.items()}[values["unit"]])
 
     @property
     def l2_norm_clip(self) -> float:
@@ -91,7 +93,7 @@ class DPState(keras.layers.Layer):
         values = [plan.num_examples, plan.expected_batch_size, plan.noise_multiplier,
                   plan.steps, plan.delta, _ACCOUNTANT_CODES[plan.accountant],
                   math.nan if plan.target_epsilon is None else plan.target_epsilon,
-                  l2_norm_clip]
+                  l2_norm_clip, _UNIT_CODES[plan.unit]]
         self.plan_values.assign(np.asarray(values, np.float64))
 
     # ---- seeds and steps ------------------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdpfair.privacy import sampling
+from tfdpfair.training import patients as patients_lib
 
 GatherFn = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
@@ -51,6 +52,10 @@ class TrainingData:
       x_spec, y_spec: per-example TensorSpecs (no batch axis).
       labels: every label as numpy (for validation before training), if available.
       inputs: the inputs as numpy, if held in memory (for validation before training).
+      patients: with patient-level DP, the patient -> examples index (training/patients.py);
+        the sampled units are then patients, and each element carries up to
+        ``images_per_patient`` images per patient.
+      images_per_patient: k, the cap on one patient's images per step.
     """
 
     num_examples: int
@@ -59,6 +64,13 @@ class TrainingData:
     y_spec: tf.TensorSpec
     labels: np.ndarray | None = None
     inputs: np.ndarray | None = None
+    patients: patients_lib.PatientIndex | None = None
+    images_per_patient: int = 1
+
+    @property
+    def num_units(self) -> int:
+        """What Poisson sampling draws from: N examples, or P patients."""
+        return self.num_examples if self.patients is None else self.patients.num_patients
 
 
 def is_indexed_source(data: Any) -> bool:
@@ -116,6 +128,22 @@ def training_data(x: Any, y: Any = None, image_key: str = "image",
                         tf.TensorSpec(y.shape[1:], tf.as_dtype(y.dtype)), labels=y, inputs=x)
 
 
+def with_patients(data: TrainingData, patient_ids: Any, images_per_patient: int
+                  ) -> TrainingData:
+    """The same data with patients as the unit of sampling (training/patients.py).
+
+    ``patient_ids``: one id per example (N of them), e.g. an ImageFileSource's patient_ids.
+    """
+    ids = np.asarray(patient_ids)
+    if ids.shape != (data.num_examples,):
+        raise ValueError(f"patient_ids must have one id per example ({data.num_examples}), "
+                         f"got shape {ids.shape}.")
+    if images_per_patient < 1:
+        raise ValueError(f"max_examples_per_patient must be >= 1, got {images_per_patient}.")
+    return dataclasses.replace(data, patients=patients_lib.PatientIndex.from_ids(ids),
+                               images_per_patient=int(images_per_patient))
+
+
 def materialize(dataset: Any, max_examples: int = 10_000_000) -> tuple[np.ndarray, np.ndarray]:
     """Reads a finite stream of (x, y) examples or batches into numpy arrays x [N, ...], y [N, ...].
 
@@ -152,7 +180,7 @@ def dataset_fn(data: TrainingData, *, sampling_seed: int, sampling_rate: float,
     Emits, for steps start_step <= t < end_step, this host's per-replica micro-batches
     ``(t, x, y, mask)`` (see the module docstring for the layout).
     """
-    n, m = data.num_examples, micro_batch_size
+    n, m = data.num_units, micro_batch_size
 
     def make(context: tf.distribute.InputContext) -> tf.data.Dataset:
         replicas = context.num_replicas_in_sync
@@ -172,6 +200,8 @@ def dataset_fn(data: TrainingData, *, sampling_seed: int, sampling_rate: float,
             return tf.reshape(indices, [-1, m]), tf.reshape(mask, [-1, m])
 
         def read(step, indices, mask):
+            if data.patients is not None:
+                return (step, *_read_patients(data, sampling_seed, step, indices, mask), mask)
             x, y = data.gather(indices)
             return step, x, y, mask
 
@@ -181,6 +211,25 @@ def dataset_fn(data: TrainingData, *, sampling_seed: int, sampling_rate: float,
                 .prefetch(2))
 
     return make
+
+
+def _read_patients(data: TrainingData, sampling_seed: int, step, patients, mask):
+    """x [m, k, ...] (zeros in padding slots), y {"labels": [m, k, ...], "image_mask": [m, k]}."""
+    index = data.patients
+    k = data.images_per_patient
+    rows = tf.gather(tf.constant(index.table), patients)
+    counts = tf.gather(tf.constant(index.counts), patients)
+    step_seed = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.constant(sampling_seed, tf.int64), step]), 0x5EED)  # image choice stream
+    chosen, image_mask = patients_lib.choose_images(
+        rows, counts, k, patients_lib.image_keys(step_seed, patients, index.table.shape[1]))
+    image_mask = image_mask * mask[:, None]
+    x, y = data.gather(tf.reshape(chosen, [-1]))
+    x = tf.reshape(x, [-1, k] + list(data.x_spec.shape))
+    y = tf.reshape(y, [-1, k] + list(data.y_spec.shape))
+    keep = tf.reshape(image_mask > 0, [-1, k] + [1] * (x.shape.rank - 2))
+    x = tf.where(keep, x, tf.zeros_like(x))  # never another patient's image in a padding slot
+    return x, {"labels": y, "image_mask": image_mask}
 
 
 def host_shard(step: int, *, sampling_seed: int, num_examples: int, sampling_rate: float,

@@ -97,7 +97,7 @@ class DPStepLoop:
                                                                                     tf.int64)
                 seed = tf.random.experimental.stateless_fold_in(
                     tf.stack([self.state.seed_values[2], step]), column)
-                x = augment.make_views(x, self.config.augmult, seed)
+                x = _views(x, self.config.augmult, seed)
             clipped = clipped_grad_sum(self.example_loss, self.variables, (x, y), mask,
                                        self.config.l2_norm_clip, has_aux=True)
         self.accumulator.accumulate(clipped)
@@ -107,7 +107,8 @@ class DPStepLoop:
             clipped.num_clipped / tf.maximum(n, 1.0), sample_weight=n)
         self.monitors.nonfinite_examples.update_state(clipped.num_nonfinite)
         if self.compile_metrics is not None:
-            _update_masked(self.compile_metrics, y, clipped.aux, clipped.kept)
+            labels, predictions = clipped.aux
+            _update_masked(self.compile_metrics, labels, predictions, clipped.kept)
 
     def _release_checks(self, step) -> list[tf.Operation]:
         """In-graph refusal of a release that is out of order or beyond the plan's T."""
@@ -187,3 +188,13 @@ def _update_masked(compile_metrics: Any, y: tf.Tensor, prediction: tf.Tensor,
         for metric in group:
             if metric:
                 metric.update_state(y, prediction, sample_weight=kept)
+
+
+def _views(x: tf.Tensor, augmult: int, seed: tf.Tensor) -> tf.Tensor:
+    """K augmented views per image: [m, H, W, C] -> [m, K, H, W, C]; patient micro-batches
+    [m, k, H, W, C] -> [m, k, K, H, W, C]."""
+    if x.shape.rank == 4:
+        return augment.make_views(x, augmult, seed)
+    images = tf.reshape(x, [-1] + x.shape[2:].as_list())
+    views = augment.make_views(images, augmult, seed)
+    return tf.reshape(views, [-1, x.shape[1]] + views.shape[1:].as_list())
