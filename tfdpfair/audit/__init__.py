@@ -1,0 +1,14 @@
+"""tfdpfair.audit: empirical privacy audits of a DP training run.
+
+Modules (numpy/scipy unless noted; TensorFlow only where scores are produced):
+  epsilon_lower_bound  the one-run audit (Steinke, Nasr & Jagielski 2023): canary scores and
+                       membership bits -> (r, v, ε lower bound at 95% confidence)
+  scores               white-box canary scores from the released updates' projections
+  canaries             (TF) gradient canaries injected into DPModel, and the projection recorder
+  input_canaries       (TF) black-box canaries: mislabelled examples, scored by their loss
+  losses               (TF) per-example losses of a Keras model (the membership score producer)
+  membership           loss-threshold membership inference, overall and per subgroup, with
+                       bootstrap CIs (tfdpfair.fairness.bootstrap)
+  report               audit.md section and plots (matplotlib)
+Submodules are not imported here, so the numpy core does not load TensorFlow.
+"""
