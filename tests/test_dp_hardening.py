@@ -164,7 +164,7 @@ def test_unnoised_training_statistics_are_named_as_such():
     dp = private(dense())
     history = dp.fit(x, y, steps=5, verbose=0,
                      callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss")],
-                     validation_data=(x[:10], y[:10]))
+                     validation_data=toy(n=10, seed=1))
     keys = set(history.history)
     assert {"epsilon", "logical_steps", "val_loss"} <= keys
     assert all(k.startswith(("nonprivate_", "val_")) or k in ("epsilon", "logical_steps")

@@ -46,6 +46,11 @@ class DPConfig:
         Poisson sampling over patients, up to ``max_examples_per_patient`` images per sampled
         patient per step, their mean loss clipped as one; expected_batch_size counts patients).
       max_examples_per_patient: k, the cap on one patient's images per step ("patient" only).
+      clipping: how per-example clipped sums are computed, with the same result and the same
+        ε: "vectorized" (per-example gradients by tf.vectorized_map, any model), "ghost"
+        (per-example norms from layer inputs and output gradients of one batched pass plus a
+        book-keeping sum: privacy/ghost_clipping.py), or "auto" (ghost when every trained
+        variable has a ghost rule and the unit is an example, else vectorized).
       ema_decay: keep an EMA of the released weights with this decay (warm-up
         min(decay, (1+t)/(10+t))); None keeps none. Post-processing: no privacy cost.
       polyak: keep the Polyak average (running mean) of the released weights.
@@ -64,6 +69,7 @@ class DPConfig:
     augmult: int = 1
     privacy_unit: str = "example"
     max_examples_per_patient: int = 1
+    clipping: str = "auto"
     ema_decay: float | None = None
     polyak: bool = False
     noise_seed: int | None = None
@@ -85,6 +91,9 @@ class DPConfig:
         if self.privacy_unit not in ("example", "patient"):
             raise ValueError(f"privacy_unit must be 'example' or 'patient', got "
                              f"{self.privacy_unit!r}.")
+        if self.clipping not in ("auto", "vectorized", "ghost"):
+            raise ValueError(f"clipping must be 'auto', 'vectorized' or 'ghost', got "
+                             f"{self.clipping!r}.")
         if not self.max_examples_per_patient >= 1:
             raise ValueError("max_examples_per_patient must be >= 1, got "
                              f"{self.max_examples_per_patient}.")

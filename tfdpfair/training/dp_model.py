@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from tfdpfair.data import augment
 from tfdpfair.models.validate import check_dp_compatible
-from tfdpfair.privacy import accounting, sampling
+from tfdpfair.privacy import accounting, ghost_clipping, sampling
 from tfdpfair.privacy.dp_sgd import DPConfig, DPGradientAccumulator
 from tfdpfair.models import validate
 from tfdpfair.training import (averaging, distributed, example_loss, guards, input_pipeline,
@@ -331,15 +331,31 @@ class DPModel(keras.Model):
         cfg = self.dp_config
         accumulator = DPGradientAccumulator(variables, cfg.l2_norm_clip, plan.noise_multiplier,
                                             cfg.expected_batch_size, cfg.rescale_to_unit_norm)
+        clipping = self._clipping_method(data)
+        unit_loss = (ghost_clipping.batch_example_loss_fn(self.inner, self._dp_loss, cfg.augmult)
+                     if clipping == "ghost" else example_loss.example_loss_fn(
+                         self.inner, self._dp_loss, cfg.augmult, data.patients is not None))
         loop = DPStepLoop(
-            self.inner, self.dp_state, self.optimizer, accumulator, example_loss.example_loss_fn(
-                self.inner, self._dp_loss, cfg.augmult, data.patients is not None),
+            self.inner, self.dp_state, self.optimizer, accumulator, unit_loss,
             self._built_compile_metrics(data), LoopConfig(
                 plan.num_examples, plan.sampling_rate, cfg.micro_batch_size, cfg.l2_norm_clip,
-                cfg.augmult, bool(self.jit_compile)), self.distribute_strategy, self.averages)
+                cfg.augmult, bool(self.jit_compile), clipping), self.distribute_strategy,
+            self.averages)
         loop.canaries = self._audit_canaries
         self._runtime = {"key": key, "loop": loop}
         return loop
+
+    def _clipping_method(self, data) -> str:
+        """"vectorized" or "ghost" for DPConfig.clipping (see its docstring)."""
+        requested = self.dp_config.clipping
+        patient = data.patients is not None
+        if requested == "ghost" and patient:
+            raise ValueError("clipping='ghost' does not support privacy_unit='patient' yet; "
+                             "use clipping='vectorized' (or 'auto').")
+        if requested != "auto":
+            return requested
+        covered = not ghost_clipping.describe_plan(self.inner)["fallback"]
+        return "ghost" if covered and not patient else "vectorized"
 
     def _built_compile_metrics(self, data):
         metrics = self._compile_metrics

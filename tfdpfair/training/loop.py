@@ -27,6 +27,7 @@ from tfdpfair.data import augment
 from tfdpfair.privacy import sampling
 from tfdpfair.privacy.clipping import clipped_grad_sum
 from tfdpfair.privacy.dp_sgd import DPGradientAccumulator
+from tfdpfair.privacy.ghost_clipping import ghost_clipped_grad_sum
 from tfdpfair.training.dp_state import DPState
 
 NONPRIVATE_PREFIX = "nonprivate_"
@@ -60,6 +61,7 @@ class LoopConfig:
     l2_norm_clip: float
     augmult: int
     jit_compile: bool
+    clipping: str = "vectorized"  # "vectorized" or "ghost" (resolved by DPModel)
 
 
 class DPStepLoop:
@@ -98,8 +100,13 @@ class DPStepLoop:
                 seed = tf.random.experimental.stateless_fold_in(
                     tf.stack([self.state.seed_values[2], step]), column)
                 x = _views(x, self.config.augmult, seed)
-            clipped = clipped_grad_sum(self.example_loss, self.variables, (x, y), mask,
-                                       self.config.l2_norm_clip, has_aux=True)
+            if self.config.clipping == "ghost":
+                clipped = ghost_clipped_grad_sum(
+                    self.model, self.example_loss, self.variables, (x, y), mask,
+                    self.config.l2_norm_clip, has_aux=True)
+            else:
+                clipped = clipped_grad_sum(self.example_loss, self.variables, (x, y), mask,
+                                           self.config.l2_norm_clip, has_aux=True)
         self.accumulator.accumulate(clipped)
         n = clipped.num_examples
         self.monitors.loss.update_state(clipped.loss_sum / tf.maximum(n, 1.0), sample_weight=n)

@@ -1,0 +1,137 @@
+"""Step time and peak memory of the clipping methods: vectorized vs ghost vs non-private.
+
+One JSON line per (model, batch, method). Each case runs in its own subprocess, so its peak
+RSS (ru_maxrss) is its own. A "step" is one compiled micro-batch step on B examples: the
+non-private step is the gradient of the summed loss; "vectorized" is
+clipping.clipped_grad_sum (tf.vectorized_map per-example gradients); "ghost" is
+ghost_clipping.ghost_clipped_grad_sum (ghost norms + book-keeping sum). No optimizer update
+and no noise (identical for every method). Timing: median of --repeats calls after 2 warm-ups.
+
+  python benchmarks/clipping_methods.py                  # all cases (< 5 min on 2 CPU cores)
+  python benchmarks/clipping_methods.py --models nfnet_nano --batches 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MODELS = {  # name -> (builder, input shape)
+    "nfnet_nano": ("nfnet", "nano", (16, 16, 3)),
+    "nfnet_micro": ("nfnet", "micro", (32, 32, 3)),
+    "wrn_16_2": ("wrn", (16, 2), (16, 16, 3)),
+}
+METHODS = ("nonprivate", "vectorized", "ghost")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def run_case(model_name: str, batch: int, method: str, repeats: int) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tfdpfair.models.nfnet import build_nfnet
+    from tfdpfair.models.wide_resnet import build_wide_resnet
+    from tfdpfair.privacy.clipping import clipped_grad_sum
+    from tfdpfair.privacy.ghost_clipping import batch_example_loss_fn, ghost_clipped_grad_sum
+    from tfdpfair.training.example_loss import example_loss_fn
+
+    kind, variant, shape = MODELS[model_name]
+    keras.utils.set_random_seed(0)
+    if kind == "nfnet":
+        model = build_nfnet(variant, 10, shape, drop_rate=0.0, stochdepth_rate=0.0)
+    else:
+        model = build_wide_resnet(variant, 10, shape)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(batch,) + shape).astype(np.float32))
+    y = tf.constant(rng.integers(0, 10, batch).astype(np.int32))
+    mask = tf.ones([batch])
+    variables = model.trainable_variables
+
+    if method == "nonprivate":
+        per_sample = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                                reduction="sum")
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                value = per_sample(y, model(x, training=True))
+            return tape.gradient(value, variables)
+    elif method == "vectorized":
+        fn = example_loss_fn(model, loss)
+
+        @tf.function
+        def step():
+            return clipped_grad_sum(fn, variables, (x, y), mask, 1.0, has_aux=True).grad_sum
+    else:
+        fn = batch_example_loss_fn(model, loss)
+
+        @tf.function
+        def step():
+            return ghost_clipped_grad_sum(model, fn, variables, (x, y), mask, 1.0,
+                                          has_aux=True).grad_sum
+
+    rss_before = _rss_mb()
+    start = time.perf_counter()
+    [g.numpy() for g in step()]
+    first = time.perf_counter() - start
+    [g.numpy() for g in step()]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        [g.numpy() for g in step()]
+        times.append(time.perf_counter() - start)
+    return {"model": model_name, "input": list(shape), "batch": batch, "method": method,
+            "step_s": round(statistics.median(times), 4), "trace_and_first_s": round(first, 2),
+            "peak_rss_mb": round(_rss_mb(), 1), "rss_before_step_mb": round(rss_before, 1),
+            "examples_per_s": round(batch / statistics.median(times), 1),
+            "threads": os.cpu_count()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[32, 128])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # model batch method (child)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.case[2], args.repeats)))
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for model in args.models:
+        for batch in args.batches:
+            results = {}
+            for method in args.methods:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--case", model, str(batch), method,
+                     "--repeats", str(args.repeats)], capture_output=True, text=True, env=env)
+                if out.returncode:
+                    line = {"model": model, "batch": batch, "method": method,
+                            "error": out.stderr.strip().splitlines()[-1:]}
+                else:
+                    line = json.loads(out.stdout.strip().splitlines()[-1])
+                    results[method] = line
+                    base = results.get("nonprivate")
+                    if base and method != "nonprivate":
+                        line["time_vs_nonprivate"] = round(line["step_s"] / base["step_s"], 2)
+                        line["rss_vs_nonprivate"] = round(
+                            line["peak_rss_mb"] / base["peak_rss_mb"], 2)
+                print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()

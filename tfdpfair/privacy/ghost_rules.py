@@ -1,0 +1,334 @@
+"""Per-layer rules of ghost clipping: how a layer is run while its tensors are recorded, and how
+its variables' per-example gradients (norms and weighted sums) follow from them.
+
+A rule replaces the layer's ``call`` during the one batched forward pass of
+:func:`tfdpfair.privacy.ghost_clipping.ghost_clipped_grad_sum`. It computes the same output
+(up to float rounding) while recording the layer input and *watching* the pre-activation
+output z on the gradient tape; after the backward pass of L = Σ_i l_i each record holds
+``dz`` = ∂L/∂z, whose row i is ∂l_i/∂z_i (no example mixing). From these each rule returns
+"pieces": a :class:`~tfdpfair.privacy.ghost_linear.LinearPiece` for a weight matrix (norm by
+ghost/direct, sum by book-keeping), or a :class:`PerExample` [B, *shape] gradient for small
+variables (biases, gains, normalisation affine parameters), materialised outright.
+
+Rules match the exact class (a subclass may override ``call``):
+
+  Dense           kernel (LinearPiece, any input rank) and bias      (no LoRA / quantisation)
+  Conv2D          kernel (grouped LinearPiece over im2col patches) and bias
+                  (channels_last, no LoRA / quantisation; dilation and groups supported)
+  WSConv2D        raw kernel (exact standardisation Jacobian, :class:`WSProjection`), gain, bias
+  GroupNormalization, LayerNormalization   gamma, beta (batch axis not normalised)
+  NFBlock         skip_gain (a scalar SkipInit gain; the block's sub-layers have their own rules)
+  WideResNetBlock skip_gain (use_skip_init=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+
+from tfdpfair.models import layers as tfdp_layers
+from tfdpfair.models import nfnet, wide_resnet
+from tfdpfair.privacy import ghost_linear as gl
+
+
+@dataclasses.dataclass
+class PerExample:
+    """Materialised per-example gradients of one (small) variable: [B, *variable.shape]."""
+
+    variable: Any
+    grads: tf.Tensor
+
+
+@dataclasses.dataclass
+class KernelPiece:
+    """A LinearPiece plus the map from its [G, P, O] gradient to the variable's shape."""
+
+    piece: gl.LinearPiece
+    shape: tuple
+
+    @property
+    def variable(self):
+        return self.piece.variable
+
+
+def _concat(records: list[dict], key: str, fn: Callable[[Any], tf.Tensor]) -> tf.Tensor:
+    """fn(record) of every call of the layer, concatenated along the position axis T."""
+    parts = [fn(r) for r in records]
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+
+
+def _positions_sum(x: tf.Tensor, batch) -> tf.Tensor:
+    """[B·R, ..., C] -> [B, C]: the sum over every position (and view) of each example."""
+    return tf.reduce_sum(gl.per_example_rows(x, batch), axis=1)
+
+
+class Rule:
+    """Base class: ``variables`` it covers, ``forward`` (recording), ``pieces``."""
+
+    layer_type: type = type(None)
+
+    def matches(self, layer) -> bool:
+        return type(layer) is self.layer_type
+
+    def variables(self, layer) -> list:
+        raise NotImplementedError
+
+    def forward(self, layer, original: Callable, capture, *args, **kwargs):
+        raise NotImplementedError
+
+    def pieces(self, layer, records: list[dict], batch, wanted: set, mode: str) -> list:
+        raise NotImplementedError
+
+
+def _bias_piece(var, records, batch, wanted):
+    if var is None or id(var) not in wanted:
+        return []
+    grads = sum(_positions_sum(r["dz"], batch) for r in records)
+    return [PerExample(var, grads)]
+
+
+class DenseRule(Rule):
+    layer_type = keras.layers.Dense
+
+    def variables(self, layer):
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            return []
+        return [v for v in (layer.kernel, layer.bias) if v is not None]
+
+    def forward(self, layer, original, capture, inputs, *args, **kwargs):
+        z = keras.ops.matmul(inputs, layer.kernel)
+        if layer.bias is not None:
+            z = keras.ops.add(z, layer.bias)
+        capture.record(layer, z, a=inputs)
+        return layer.activation(z) if layer.activation is not None else z
+
+    def pieces(self, layer, records, batch, wanted, mode):
+        out = _bias_piece(layer.bias, records, batch, wanted)
+        if id(layer.kernel) in wanted:
+            a = _concat(records, "a", lambda r: gl.per_example_rows(r["a"], batch)[:, :, None])
+            d = _concat(records, "dz", lambda r: gl.per_example_rows(r["dz"], batch)[:, :, None])
+            out.append(KernelPiece(gl.LinearPiece(layer.kernel, a, d, mode=mode),
+                                   tuple(layer.kernel.shape)))
+        return out
+
+
+class Conv2DRule(Rule):
+    layer_type = keras.layers.Conv2D
+
+    def variables(self, layer):
+        if (layer.data_format != "channels_last" or getattr(layer, "lora_enabled", False)
+                or getattr(layer, "quantization_mode", None)):
+            return []
+        return [v for v in (layer.kernel, layer.bias) if v is not None]
+
+    def forward(self, layer, original, capture, inputs, *args, **kwargs):
+        z = layer.convolution_op(inputs, layer.kernel)
+        if layer.use_bias:
+            z = keras.ops.add(z, keras.ops.reshape(layer.bias, (1, 1, 1, layer.filters)))
+        capture.record(layer, z, x=inputs)
+        return layer.activation(z) if layer.activation is not None else z
+
+    def pieces(self, layer, records, batch, wanted, mode):
+        out = _bias_piece(layer.bias if layer.use_bias else None, records, batch, wanted)
+        if id(layer.kernel) in wanted:
+            g = layer.groups
+            a = _concat(records, "x", lambda r: gl.grouped_patches(
+                r["x"], layer.kernel_size, layer.strides, layer.padding, g, batch,
+                layer.dilation_rate))
+            d = _concat(records, "dz", lambda r: gl.grouped_rows(r["dz"], g, batch))
+            out.append(KernelPiece(gl.LinearPiece(layer.kernel, a, d, mode=mode),
+                                   tuple(layer.kernel.shape)))
+        return out
+
+
+class WSConv2DRule(Rule):
+    """z = conv(x, u)·gain + bias with u the gain-free standardised kernel (same maths as
+    WSConv2D.call, which convolves with gain·u). Kernel gradient: docs/ghost_clipping.md."""
+
+    layer_type = tfdp_layers.WSConv2D
+
+    def variables(self, layer):
+        return [layer.kernel, layer.gain, layer.bias]
+
+    @staticmethod
+    def _standardisation(layer):
+        kernel = tf.cast(tf.convert_to_tensor(layer.kernel), tf.float32)
+        fan_in = float(kernel.shape[0] * kernel.shape[1] * kernel.shape[2])
+        var_n = tf.math.reduce_variance(kernel, axis=(0, 1, 2)) * fan_in  # N·var_o, [O]
+        ones = tf.ones([kernel.shape[-1]], tf.float32)
+        u = tfdp_layers.standardize_kernel(kernel, ones, layer.eps)
+        # tf.maximum sends the gradient to its first argument on ties: floor inactive iff N·var ≥ eps.
+        active = tf.cast(var_n >= layer.eps, tf.float32)
+        return u, tf.maximum(var_n, layer.eps), active
+
+    def forward(self, layer, original, capture, inputs, *args, **kwargs):
+        u, s, active = self._standardisation(layer)
+        pad, stride = layer.padding.upper(), layer.strides
+        x = tf.convert_to_tensor(inputs)
+        uk = tf.cast(u, x.dtype)
+        if layer.groups == 1:
+            t = tf.nn.conv2d(x, uk, stride, pad)
+        else:
+            t = tf.concat([tf.nn.conv2d(xg, ug, stride, pad) for xg, ug in zip(
+                tf.split(x, layer.groups, -1), tf.split(uk, layer.groups, -1))], axis=-1)
+        z = t * tf.cast(layer.gain, t.dtype) + tf.cast(layer.bias, t.dtype)
+        capture.record(layer, z, x=x, t=t, u=u, s=s, active=active)
+        return z
+
+    def pieces(self, layer, records, batch, wanted, mode):
+        out = _bias_piece(layer.bias, records, batch, wanted)
+        if id(layer.gain) in wanted:
+            grads = sum(_positions_sum(tf.cast(r["t"], tf.float32) * tf.cast(r["dz"], tf.float32),
+                                       batch) for r in records)
+            out.append(PerExample(layer.gain, grads))
+        if id(layer.kernel) in wanted:
+            g, k = layer.groups, layer.kernel_size
+            first = records[0]
+            scale = tf.cast(layer.gain, tf.float32) * tf.math.rsqrt(first["s"])  # [O]
+            a = _concat(records, "x", lambda r: gl.grouped_patches(
+                r["x"], (k, k), (layer.strides,) * 2, layer.padding, g, batch))
+            d = _concat(records, "dz", lambda r: gl.grouped_rows(
+                tf.cast(r["dz"], tf.float32) * scale, g, batch))
+            tu = _concat(records, "t", lambda r: gl.grouped_rows(r["t"], g, batch))
+            ws = gl.WSProjection(
+                u=gl.kernel_to_grouped(first["u"], g),
+                active=tf.reshape(first["active"], [g, -1]),
+                asum=tf.reduce_sum(a, -1), tu=tu)
+            out.append(KernelPiece(gl.LinearPiece(layer.kernel, a, d, ws=ws, mode=mode),
+                                   tuple(layer.kernel.shape)))
+        return out
+
+
+class NormAffineRule(Rule):
+    """y = x̂·gamma + beta, with x̂ the layer's own output for gamma = 1, beta = 0 (substituted
+    through ``keras.StatelessScope``, so the normalisation code itself is not duplicated)."""
+
+    def __init__(self, layer_type):
+        self.layer_type = layer_type
+
+    @staticmethod
+    def _axes(layer, rank):
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        return sorted(a % rank for a in axes)
+
+    def variables(self, layer):
+        params = [v for v in (getattr(layer, "gamma", None), getattr(layer, "beta", None))
+                  if v is not None]
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        return [] if 0 in axes else params
+
+    def forward(self, layer, original, capture, inputs, *args, **kwargs):
+        gamma, beta = getattr(layer, "gamma", None), getattr(layer, "beta", None)
+        mapping = [(v, keras.ops.ones(v.shape, v.dtype)) for v in (gamma,) if v is not None]
+        mapping += [(v, keras.ops.zeros(v.shape, v.dtype)) for v in (beta,) if v is not None]
+        with keras.StatelessScope(mapping):
+            xhat = original(inputs, *args, **kwargs)
+        rank = len(xhat.shape)
+        axes = self._axes(layer, rank)
+        shape = [xhat.shape[a] if a in axes else 1 for a in range(rank)]
+        z = xhat
+        if gamma is not None:
+            z = z * keras.ops.reshape(keras.ops.cast(gamma, z.dtype), shape)
+        if beta is not None:
+            z = z + keras.ops.reshape(keras.ops.cast(beta, z.dtype), shape)
+        capture.record(layer, z, xhat=xhat, axes=axes)
+        return z
+
+    def pieces(self, layer, records, batch, wanted, mode):
+        out = []
+        for var, factor in ((getattr(layer, "gamma", None), "xhat"),
+                            (getattr(layer, "beta", None), None)):
+            if var is None or id(var) not in wanted:
+                continue
+            total = 0.0
+            for r in records:
+                prod = tf.cast(r["dz"], tf.float32)
+                if factor:
+                    prod = prod * tf.cast(r[factor], tf.float32)
+                rank, axes = len(prod.shape), r["axes"]
+                prod = tf.reduce_sum(prod, [a for a in range(1, rank) if a not in axes])
+                prod = tf.reshape(prod, [batch, -1] + list(var.shape))
+                total = total + tf.reduce_sum(prod, axis=1)
+            out.append(PerExample(var, total))
+        return out
+
+
+def _skip_gain_pieces(layer, records, batch, wanted, alpha):
+    if id(layer.skip_gain) not in wanted:
+        return []
+    grads = 0.0
+    for r in records:
+        prod = tf.cast(r["r"], tf.float32) * tf.cast(r["dz"], tf.float32)
+        grads = grads + alpha * tf.reduce_sum(tf.reshape(prod, [batch, -1]), axis=1)
+    return [PerExample(layer.skip_gain, grads)]
+
+
+class NFBlockRule(Rule):
+    """NFBlock.call with the residual branch r recorded: y = r·(skip_gain·α) + shortcut, so
+    ∂l_i/∂skip_gain = α·Σ r_i·δ_i. Mirrors nfnet.NFBlock.call (checked by the model tests)."""
+
+    layer_type = nfnet.NFBlock
+
+    def variables(self, layer):
+        return [layer.skip_gain]
+
+    def forward(self, layer, original, capture, inputs, training=None, **kwargs):
+        normalized = tfdp_layers.scaled_activation(layer.activation, inputs) * layer.beta
+        shortcut = inputs
+        if layer.stride > 1:
+            shortcut = tf.nn.avg_pool2d(normalized, 2, 2, "SAME")
+        elif layer.use_projection:
+            shortcut = normalized
+        if layer.use_projection:
+            shortcut = layer.conv_shortcut(shortcut)
+        branch = layer.stoch_depth(layer.residual_branch(normalized), training=training)
+        z = branch * (layer.skip_gain * layer.alpha) + shortcut
+        capture.record(layer, z, r=branch)
+        return z
+
+    def pieces(self, layer, records, batch, wanted, mode):
+        return _skip_gain_pieces(layer, records, batch, wanted, layer.alpha)
+
+
+class WideResNetBlockRule(Rule):
+    """WideResNetBlock.call (use_skip_init=True) with the residual branch recorded."""
+
+    layer_type = wide_resnet.WideResNetBlock
+    _ACT = {"relu": tf.nn.relu, "gelu": tf.nn.gelu, "identity": tf.identity}
+
+    def variables(self, layer):
+        return [layer.skip_gain] if layer.use_skip_init else []
+
+    def forward(self, layer, original, capture, inputs, *args, **kwargs):
+        act = self._ACT[layer.activation]
+        skip = inputs
+        if layer.project:
+            skip = layer.skip_conv(layer.skip_norm(act(inputs)))
+        branch = layer.conv0(layer.norm0(act(inputs)))
+        branch = layer.conv1(layer.norm1(act(branch)))
+        z = branch * layer.skip_gain + skip
+        capture.record(layer, z, r=branch)
+        return z
+
+    def pieces(self, layer, records, batch, wanted, mode):
+        return _skip_gain_pieces(layer, records, batch, wanted, 1.0)
+
+
+RULES: list[Rule] = [
+    DenseRule(), Conv2DRule(), WSConv2DRule(),
+    NormAffineRule(keras.layers.GroupNormalization),
+    NormAffineRule(keras.layers.LayerNormalization),
+    NFBlockRule(), WideResNetBlockRule(),
+]
+"""The rules tried, in order, for every layer (first ``matches`` wins)."""
+
+
+def rule_for(layer) -> Rule | None:
+    """The rule for ``layer``'s exact class, or None."""
+    for rule in RULES:
+        if rule.matches(layer):
+            return rule
+    return None
