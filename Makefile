@@ -7,7 +7,7 @@ WORKDIR ?= runs/demo
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: install demo test test-all test-fast bench clean
+.PHONY: install demo test test-all test-fast bench bench-peers clean
 
 install: $(STAMP)
 
@@ -38,5 +38,24 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/dp_step_time.py
 
+# Side by side with PyTorch + Opacus (issue 12): a SEPARATE virtualenv, never part of `make test`.
+# PyPI's torch wheel is the CUDA build (it pulls ~3 GB of nvidia-* wheels); the CPU build
+# torch==2.13.0+cpu is taken from the machine's local wheel directory (pip's find-links). On a
+# machine without it, override e.g. PEERS_TORCH='torch==2.13.*' to accept PyPI's CUDA build.
+PEERS_PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_TORCH ?= torch==2.13.0+cpu
+PEERS_ARGS ?=
+
+$(PEERS_STAMP):
+	test -x $(PEERS_VENV)/bin/python || $(PEERS_PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install --quiet "$(PEERS_TORCH)" "opacus==1.6.*" numpy
+	touch $(PEERS_STAMP)
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python benchmarks/peers_wrn.py --peers-python=$(PEERS_VENV)/bin/python $(PEERS_ARGS)
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) runs build *.egg-info

@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="logical batch B")
     parser.add_argument("--micro-batch", type=int, default=64, help="micro-batch m")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--clipping", default="auto", choices=["auto", "vectorized", "ghost"])
     args = parser.parse_args()
     if args.batch % args.micro_batch:
         parser.error("--batch must be a multiple of --micro-batch.")
@@ -68,7 +69,7 @@ def main() -> None:
     private_model = model_factory.build_model(args.model, shape, classes)
     dp = make_private(private_model, DPConfig(
         expected_batch_size=args.batch, micro_batch_size=args.micro_batch,
-        noise_multiplier=1.0, noise_seed=0, sampling_seed=0))
+        noise_multiplier=1.0, noise_seed=0, sampling_seed=0, clipping=args.clipping))
     dp.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
     # N = B, so q = 1: every logical step holds all B examples (B/m micro-batches), like the
     # non-private step on the same B examples. Each Keras batch of fit() is one logical step.
@@ -86,7 +87,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "dp_step_time", "model": args.model, "image_size": args.image_size,
         "params": int(plain.count_params()), "logical_batch": args.batch,
-        "micro_batch": args.micro_batch, "dp_step_s": round(dp_s, 4),
+        "micro_batch": args.micro_batch, "clipping": args.clipping, "dp_step_s": round(dp_s, 4),
         "non_private_step_s": round(plain_s, 4), "dp_over_non_private": round(dp_s / plain_s, 2),
         "dp_examples_per_s": round(args.batch / dp_s, 1), "repeats": args.repeats,
         "tensorflow": tf.__version__, "cpu_count": os.cpu_count(),

@@ -1,0 +1,231 @@
+"""tfdpfair vs PyTorch + Opacus 1.6 on WRN-16-4 (GroupNorm, WS convs), 32×32×3, 10 classes.
+
+Prints one JSON line per case (logical batch B): examples/s without and with DP for both
+frameworks, each DP/non-DP time ratio, and tfdpfair DP throughput over Opacus' DP throughput
+(each Opacus mode, and its best). ``make bench-peers`` creates the peers virtualenv and runs it.
+
+Method. For each B the two frameworks run alternately in fresh subprocesses, twice (round 1:
+TF then torch; round 2: torch then TF), and every number is the best of the two rounds; inside
+a worker each case is the median of ``--repeats`` timed steps after ``--warmup`` untimed ones
+(tracing / first-call costs are in the warm-up). One DP step = one logical step of B examples
+as B/m micro-batches of m: per-example gradients, clipping, accumulation, noise, update.
+
+  * TF worker (this file with ``--worker tf``, under .venv): non-DP = Keras
+    ``train_on_batch`` on all B examples (SGD, no XLA, like benchmarks/dp_step_time.py); DP =
+    ``make_private(model, DPConfig(expected_batch_size=B, micro_batch_size=m))`` and
+    ``DPModel.fit`` over N = B examples, so q = 1 and every logical step holds all B examples,
+    one logical step per Keras batch (timed per batch by a callback, host ε update included).
+    TensorFlow's default threading.
+  * torch worker (benchmarks/peers_torch_worker.py, under the peers virtualenv): the same
+    architecture in PyTorch, non-DP and Opacus DP in hooks and ghost modes;
+    ``torch.set_num_threads(2)``, OMP_WAIT_POLICY=PASSIVE (see --torch-omp-wait-policy).
+
+  .venv/bin/python benchmarks/peers_wrn.py --peers-python .venv-peers/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32, 3)
+
+
+# ---- TF worker (runs in a subprocess under .venv) ------------------------------------------
+
+def tf_worker(args: argparse.Namespace) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import resource
+    import statistics
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tfdpfair.models.wide_resnet import build_wide_resnet
+    from tfdpfair.privacy.dp_sgd import DPConfig
+    from tfdpfair.training.dp_model import make_private
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times, self._start = [], 0.0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter() - self._start)
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch,) + IMAGE_SHAPE, dtype=np.float32)
+    y = rng.integers(0, NUM_CLASSES, args.batch).astype(np.int32)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    out = {"worker": "tf", "batch": args.batch, "micro_batch": args.micro_batch,
+           "tensorflow": tf.__version__, "keras": keras.__version__,
+           "warmup": args.warmup, "repeats": args.repeats}
+
+    keras.utils.set_random_seed(0)
+    plain = build_wide_resnet("WRN-16-4", NUM_CLASSES, IMAGE_SHAPE)
+    out["params"] = int(plain.count_params())
+    plain.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss, jit_compile=False)
+    for _ in range(args.warmup):
+        plain.train_on_batch(x, y)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        plain.train_on_batch(x, y)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    out["non_dp"] = {"step_s": round(step_s, 4), "examples_per_s": round(args.batch / step_s, 2)}
+    out["max_rss_mb_after_non_dp"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+    config = DPConfig(expected_batch_size=args.batch, micro_batch_size=args.micro_batch,
+                      noise_multiplier=1.0, noise_seed=0, sampling_seed=0)
+    # Which clipping method ran (issue 12 adds DPConfig.clipping; absent = vectorized only).
+    out["dp_clipping"] = str(getattr(config, "clipping", "vectorized (no DPConfig.clipping)"))
+    dp = make_private(build_wide_resnet("WRN-16-4", NUM_CLASSES, IMAGE_SHAPE), config)
+    dp.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+    timer = StepTimer()
+    # N = B, so q = 1: every logical step holds all B examples; one Keras batch = one step.
+    dp.fit(x, y, steps=args.warmup + args.repeats, verbose=0, callbacks=[timer])
+    step_s = statistics.median(timer.times[args.warmup:])
+    out["tfdpfair_dp"] = {"step_s": round(step_s, 4),
+                          "examples_per_s": round(args.batch / step_s, 2),
+                          "logical_steps": int(dp.logical_steps_done)}
+    out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(out))
+
+
+# ---- orchestrator (stdlib only) ------------------------------------------------------------
+
+def run_worker(cmd: list[str], log, extra_env: dict | None = None) -> dict:
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if log:
+        log.write(f"$ {' '.join(cmd)}\n{proc.stderr}\n")
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n"
+                           f"{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1])
+    result["load_avg_1min_at_start"] = round(load, 2)
+    result["worker_wall_s"] = round(wall, 1)
+    return result
+
+
+def best(results: list[dict], key: str) -> dict | None:
+    """The entry of ``key`` with the highest examples/s over the rounds (None if all failed)."""
+    ok = [r[key] for r in results if key in r and "examples_per_s" in r[key]]
+    if not ok:
+        errors = [r[key] for r in results if key in r]
+        return errors[0] if errors else None
+    return max(ok, key=lambda e: e["examples_per_s"])
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else round(a / b, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--worker", choices=["tf"], help=argparse.SUPPRESS)
+    parser.add_argument("--peers-python", default=os.path.join(ROOT, ".venv-peers/bin/python"))
+    parser.add_argument("--batches", default="32,128", help="logical batches B")
+    parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--micro-batch", type=int, default=32, help="micro-batch m (DP)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (best of)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per case")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (median)")
+    parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--torch-modes", default="non_dp,hooks,ghost")
+    parser.add_argument(
+        "--torch-omp-wait-policy", default="PASSIVE",
+        help="OMP_WAIT_POLICY for the torch worker ('' = OpenMP's default). PASSIVE: torch's "
+             "OpenMP threads sleep instead of spinning at barriers; with 2 threads on a busy "
+             "2-core machine the spinning default made steps 3-6x slower (TF's thread pool "
+             "does not spin this way).")
+    parser.add_argument("--log", default=None, help="file for the workers' stderr")
+    args = parser.parse_args()
+    if args.worker == "tf":
+        tf_worker(args)
+        return
+    if not os.path.exists(args.peers_python):
+        sys.exit(f"{args.peers_python} not found: run `make bench-peers`, which creates it.")
+    log = open(args.log, "w") if args.log else None
+    for batch in [int(b) for b in args.batches.split(",")]:
+        micro = min(args.micro_batch, batch)
+        common = ["--batch", str(batch), "--micro-batch", str(micro),
+                  "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+        tf_cmd = [sys.executable, os.path.abspath(__file__), "--worker", "tf"] + common
+        torch_cmd = [args.peers_python, os.path.join(HERE, "peers_torch_worker.py"),
+                     "--threads", str(args.torch_threads), "--modes", args.torch_modes] + common
+        tf_runs, torch_runs = [], []
+        for r in range(args.rounds):
+            order = [("tf", tf_cmd), ("torch", torch_cmd)]
+            for name, cmd in (order if r % 2 == 0 else order[::-1]):
+                extra = ({"OMP_WAIT_POLICY": args.torch_omp_wait_policy}
+                         if name == "torch" and args.torch_omp_wait_policy else None)
+                (tf_runs if name == "tf" else torch_runs).append(run_worker(cmd, log, extra))
+        tf_non, tf_dp = best(tf_runs, "non_dp"), best(tf_runs, "tfdpfair_dp")
+        pt_non = best(torch_runs, "non_dp")
+        opacus = {m: best(torch_runs, m) for m in ("opacus_hooks", "opacus_ghost")
+                  if best(torch_runs, m) is not None}
+        eps = lambda e: (e or {}).get("examples_per_s")  # noqa: E731
+        best_opacus = max((eps(e) or 0.0 for e in opacus.values()), default=0.0) or None
+        line = {
+            "benchmark": "peers_wrn", "model": "WRN-16-4 GroupNorm(16) WS-conv",
+            "input": list(IMAGE_SHAPE), "classes": NUM_CLASSES, "logical_batch": batch,
+            "micro_batch": micro,
+            "params": {"tfdpfair": tf_runs[0]["params"], "torch": torch_runs[0]["params"]},
+            "params_match": tf_runs[0]["params"] == torch_runs[0]["params"],
+            "examples_per_s": {
+                "tfdpfair_non_dp": eps(tf_non), "tfdpfair_dp": eps(tf_dp),
+                "torch_non_dp": eps(pt_non), **{m: eps(e) for m, e in opacus.items()}},
+            "dp_time_over_non_dp": {
+                "tfdpfair": ratio(eps(tf_non), eps(tf_dp)),
+                **{m: ratio(eps(pt_non), eps(e)) for m, e in opacus.items()}},
+            "tfdpfair_dp_over_opacus": {
+                **{m: ratio(eps(tf_dp), eps(e)) for m, e in opacus.items()},
+                "best_opacus": ratio(eps(tf_dp), best_opacus)},
+            "opacus_layer_paths": {m: (e or {}).get("layer_paths") for m, e in opacus.items()},
+            "errors": {k: e["error"] for k, e in
+                       [("tfdpfair_non_dp", tf_non), ("tfdpfair_dp", tf_dp),
+                        ("torch_non_dp", pt_non), *opacus.items()] if e and "error" in e},
+            "dp_clipping_tfdpfair": tf_runs[0].get("dp_clipping"),
+            "rounds": args.rounds, "warmup": args.warmup, "repeats": args.repeats,
+            "per_round_examples_per_s": {
+                "tf": [{k: eps(r.get(k)) for k in ("non_dp", "tfdpfair_dp")} for r in tf_runs],
+                "torch": [{k: eps(r.get(k)) for k in ("non_dp", "opacus_hooks", "opacus_ghost")}
+                          for r in torch_runs]},
+            "load_avg_1min_at_worker_start": [r["load_avg_1min_at_start"]
+                                              for r in tf_runs + torch_runs],
+            "max_rss_mb": {"tf": max(r["max_rss_mb"] for r in tf_runs),
+                           "torch": max(r["max_rss_mb"] for r in torch_runs)},
+            "versions": {"tensorflow": tf_runs[0]["tensorflow"], "keras": tf_runs[0]["keras"],
+                         "torch": torch_runs[0]["torch"], "opacus": torch_runs[0]["opacus"]},
+            "torch_threads": torch_runs[0]["threads"],
+            "torch_omp_wait_policy": args.torch_omp_wait_policy or "default",
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+        }
+        print(json.dumps(line), flush=True)
+    if log:
+        log.close()
+
+
+if __name__ == "__main__":
+    main()
