@@ -36,7 +36,8 @@ def test_train_then_evaluate(tmp_path):
         check=True, timeout=900)
     metrics = json.loads((workdir / "metrics.json").read_text())
     for key in ("epsilon", "delta", "noise_multiplier", "steps", "sampling_rate",
-                "private_test_accuracy", "non_private_test_accuracy"):
+                "private_test_accuracy", "private_ema_test_accuracy",
+                "private_polyak_test_accuracy", "non_private_test_accuracy"):
         assert key in metrics, key
     assert metrics["epsilon"] <= 2.0
     assert metrics["sampling_rate"] == pytest.approx(128 / metrics["num_private_examples"])
@@ -46,6 +47,8 @@ def test_train_then_evaluate(tmp_path):
         metrics["delta"]), rel=1e-9)
     assert metrics["steps"] == -(-3 * metrics["num_private_examples"] // 128)
     assert 0.0 <= metrics["private_test_accuracy"] <= 1.0
+    assert set(metrics["variants"]) == {"private", "private_ema", "private_polyak",
+                                        "non_private"}
     report = (workdir / "report.md").read_text()
     assert "differential privacy" in report and "TensorFlow Privacy" in report
 

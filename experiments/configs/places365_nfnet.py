@@ -1,0 +1,51 @@
+"""Places-365, NFNet fine-tuned with DP-SGD (De et al. 2022): 55.1 % top-1 at ε = 8.
+
+Published: ε = 8, C = 1 with unit-norm rescaling, SGD without momentum, constant LR, weight
+decay 0, EMA. δ: the leaderboard entry gives 5e-7 (the paper's seeds say 8e-7 for
+ImageNet/Places; we follow the leaderboard). UNVERIFIED: the model and its pre-training (we
+assume NFNet-F3 pre-trained on JFT-4B, as for ImageNet). Every value marked UNPUBLISHED is
+our choice. TFDS ``places365_small`` (256×256 images).
+"""
+
+import ml_collections
+
+from experiments.configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = common.parse_arg(arg, runlocal=False, epsilon=8.0, variant="F3")
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "places365_small"
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    config.data.validation_split = ml_collections.config_dict.placeholder(str)
+    config.data.image_size = 256  # native places365_small size; UNPUBLISHED
+    config.data.normalization = "imagenet"
+    config.data.data_dir = ml_collections.config_dict.placeholder(str)
+    config.data.in_memory = False
+
+    config.model = common.model("nfnet", args.variant, train="all")
+    config.dp = common.dp_section(
+        target_epsilon=float(args.epsilon), delta=5e-7, accountant="rdp",
+        l2_norm_clip=1.0, rescale_to_unit_norm=True,
+        expected_batch_size=16384, micro_batch_size=16, steps=2000,  # UNPUBLISHED
+        augmult=4, ema_decay=0.9999, polyak=True)  # augmult UNPUBLISHED
+    config.optimizer = common.sgd(4.0)  # UNPUBLISHED
+    config.schedule = common.schedule("constant")
+    config.non_private = common.non_private(False, common.sgd(0.1, momentum=0.9))  # UNPUBLISHED
+    config.train = common.runtime(checkpoint_every_steps=20, log_every_steps=1,
+                                  eval_every_steps=200, eval_batch_size=250)
+    if args.runlocal:
+        config.data.image_size = 16
+        config.model = common.model("nfnet", "nano", train="last_stages:1", from_scratch=True)
+        config.dp.target_epsilon = 50.0
+        config.dp.delta = 1e-3
+        config.dp.expected_batch_size = 4
+        config.dp.micro_batch_size = 4
+        config.dp.augmult = 1
+        config.dp.steps = 2
+        config.train = common.runtime(checkpoint_every_steps=1, log_every_steps=1,
+                                      eval_batch_size=8)
+    return config
