@@ -24,6 +24,7 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/python -m experiments.train --workdir=$(WORKDIR)
 	$(BIN)/python -m experiments.evaluate --run_dirs=$(WORKDIR) --out_dir=$(WORKDIR)/fairness
+	$(BIN)/python -m experiments.audit --mode=membership --run_dir=$(WORKDIR)
 
 # The CI suite: every fast test plus the slow end-to-end tests marked `ci`.
 test: $(STAMP)

@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+import tfdpfair.models  # noqa: F401  registers NFNet/WRN layers for keras.models.load_model
 from tfdpfair.audit import epsilon_lower_bound, losses, membership, report
 from tfdpfair.data.demo import DemoData, load_demo_data
 from tfdpfair.fairness import run_io
@@ -202,8 +203,21 @@ def main(argv) -> None:
             log(f"{name}: AUC {res['overall']['auc']['value']:.3f}, advantage "
                 f"{res['overall']['advantage']['value']:.3f}")
     run_io.write_json(workdir / "audit.json", audit)
-    (workdir / "audit.md").write_text(report.markdown(audit, plots))
+    section = report.markdown(audit, plots)
+    (workdir / "audit.md").write_text(section)
     log(f"wrote {workdir / 'audit.json'} and {workdir / 'audit.md'}")
+    if _RUN_DIR.value and workdir == pathlib.Path(_RUN_DIR.value):
+        add_to_run_report(workdir / "report.md", section)
+
+
+def add_to_run_report(report_path: pathlib.Path, section: str) -> None:
+    """Puts the audit section into the run's report.md (replacing an earlier one)."""
+    if not report_path.exists():
+        return
+    text = report_path.read_text()
+    head = text.split("\n## Privacy audit\n", 1)[0].rstrip("\n")
+    report_path.write_text(head + "\n\n" + section.rstrip("\n") + "\n")
+    log(f"added the privacy audit section to {report_path}")
 
 
 if __name__ == "__main__":

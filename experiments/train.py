@@ -30,6 +30,9 @@ _STRATEGY = flags.DEFINE_enum(
     "strategy", "default", ["default", "mirrored", "multiworker", "tpu"],
     "tf.distribute strategy of the DP fine-tuning: default (one device), mirrored (all local "
     "devices), multiworker (hosts from TF_CONFIG), tpu (--tpu).")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None, "Also write a serving SavedModel (tf.Example and image signatures, "
+    "privacy_statement.json, model_card.md; no seeds) of the DP model here.")
 _TPU = flags.DEFINE_string("tpu", "local", "TPU name or address for --strategy=tpu "
                            "('local' on a Cloud TPU VM).")
 
@@ -53,7 +56,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                 make_strategy(_STRATEGY.value, _TPU.value))
+                                 make_strategy(_STRATEGY.value, _TPU.value), _EXPORT_DIR.value)
     if summary.get("preempted"):
         raise SystemExit(143)  # stopped by SIGTERM after checkpointing: rerun to resume
 

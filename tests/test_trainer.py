@@ -195,3 +195,20 @@ def test_non_private_baseline(tmp_path, data_dirs):
     probs = run_io.read_run_dir(tmp_path).predictions["non_private"]
     acc = float(np.mean(probs.y_score.argmax(1) == probs.y_true))
     assert summary["non_private_test_accuracy"] == pytest.approx(acc)
+
+
+def test_patient_level_chexpert_variant_accounts_over_patients(data_dirs, tmp_path):
+    """`:unit=patient`: N counts patients, δ = 1/N of patients, the report says so."""
+    config = get_config("chexpert_nfnet_f0", "runlocal=True,unit=patient")
+    config.data.root = data_dirs["chexpert"]
+    config.dp.noise_seed, config.dp.sampling_seed = 11, 12
+    assert config.dp.privacy_unit == "patient" and config.dp.max_examples_per_patient == 4
+    summary = trainer.train_and_evaluate(config, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    train = trainer.load_task_data(config.data, config.seed).train
+    patients = len(set(train.patient_ids))
+    assert patients < len(train)  # the fixture has patients with several images
+    assert metrics["num_private_examples"] == patients and summary["privacy_unit"] == "patient"
+    assert metrics["delta"] == pytest.approx(1 / patients)
+    assert metrics["variants"]["private"]["privacy_unit"] == "patient"
+    assert "one patient (all their" in (tmp_path / "report.md").read_text()

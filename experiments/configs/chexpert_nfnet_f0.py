@@ -24,7 +24,7 @@ from experiments.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_arg(arg, runlocal=False, epsilon=8.0)
+    args = common.parse_arg(arg, runlocal=False, epsilon=8.0, unit="example")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.data = ml_collections.ConfigDict()
@@ -52,6 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.non_private = common.non_private(False, common.sgd(0.1, momentum=0.9))  # UNPUBLISHED
     config.train = common.runtime(steps_per_execution=1, checkpoint_every_steps=50,
                                   log_every_steps=10, eval_every_steps=250, eval_batch_size=64)
+    if args.unit == "patient":
+        common.patient_level(config)
     if args.runlocal:
         _runlocal(config)
     return config

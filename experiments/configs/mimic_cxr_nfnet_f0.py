@@ -16,7 +16,7 @@ from experiments.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_arg(arg, runlocal=False, epsilon=8.0)
+    args = common.parse_arg(arg, runlocal=False, epsilon=8.0, unit="example")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.data = ml_collections.ConfigDict()
@@ -41,6 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.non_private = common.non_private(False, common.sgd(0.1, momentum=0.9))  # UNPUBLISHED
     config.train = common.runtime(checkpoint_every_steps=50, log_every_steps=10,
                                   eval_every_steps=250, eval_batch_size=64)
+    if args.unit == "patient":
+        common.patient_level(config)
     if args.runlocal:
         config.data.image_size = 16
         config.model = common.model("nfnet", "nano", train="all", from_scratch=True)
@@ -51,4 +53,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.non_private.enabled = True
         config.train = common.runtime(checkpoint_every_steps=1, log_every_steps=1,
                                       eval_batch_size=8)
+        if args.unit == "patient":
+            config.dp.expected_batch_size = 2
     return config

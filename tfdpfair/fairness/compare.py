@@ -37,6 +37,7 @@ class Variant:
     test_accuracy: float | None = None
     run_dir: str | None = None
     series: str | None = None  # e.g. "private_ema": points of one series join in plots
+    privacy_unit: str | None = None  # "example" or "patient" for private models
 
 
 def _stat(point: float, replicates: np.ndarray, confidence: float) -> dict[str, Any]:

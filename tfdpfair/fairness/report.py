@@ -229,11 +229,13 @@ def _setup_section(result: Mapping[str, Any]) -> list[str]:
 
 def _models_section(result: Mapping[str, Any]) -> list[str]:
     metric, attrs = result["primary_metric"], list(result["attributes"])
-    head = ["variant", "private", "ε", "δ", "test_accuracy (metrics.json)", f"{metric} [CI]"]
+    head = ["variant", "private (unit of privacy)", "ε", "δ", "test_accuracy (metrics.json)",
+            f"{metric} [CI]"]
     head += [f"gap {a} [CI]" for a in attrs]
     lines = ["## Models", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, v in result["variants"].items():
-        cells = [name, "yes" if v["private"] else "no",
+        unit = v.get("privacy_unit") or "example"
+        cells = [name, f"yes (one {unit})" if v["private"] else "no",
                  "" if v.get("epsilon") is None else f"{v['epsilon']:g}",
                  "" if v.get("delta") is None else f"{v['delta']:.2g}",
                  "" if v.get("test_accuracy") is None else f"{v['test_accuracy']:.3f}",

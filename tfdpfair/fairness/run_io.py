@@ -406,7 +406,8 @@ def load_runs(run_dirs: Sequence[PathLike]) -> tuple[
             variants[full] = compare.Variant(
                 name=full, private=bool(info["private"]), epsilon=info.get("epsilon"),
                 delta=info.get("delta"), test_accuracy=info.get("test_accuracy"),
-                run_dir=str(run.path), series=name)
+                run_dir=str(run.path), series=name,
+                privacy_unit=info.get("privacy_unit") if info["private"] else None)
     if first is None:
         raise ValueError(f"no variants listed in {[str(r.path) for r in runs]}.")
     pred = first[1]

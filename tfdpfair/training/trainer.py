@@ -36,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfdpfair.data.sources import ImageConfig
 from tfdpfair.fairness import run_io
 from tfdpfair.privacy import accounting
 from tfdpfair.privacy.dp_sgd import DPConfig
@@ -56,9 +57,15 @@ DP_RUN_KEYS = ("enabled", "steps", "epochs", "delta_policy")
 
 
 def train_and_evaluate(config: Any, workdir: str | pathlib.Path,
-                       strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
+                       strategy: tf.distribute.Strategy | None = None,
+                       export_dir: str | pathlib.Path | None = None) -> dict[str, Any]:
     """Runs ``config`` end to end in ``workdir`` (see module docstring); returns the summary
-    written to metrics.json (``{"preempted": True, ...}`` if stopped by SIGTERM)."""
+    written to metrics.json (``{"preempted": True, ...}`` if stopped by SIGTERM).
+
+    A DP run also writes release exports (no seeds) to ``workdir/release`` (last weights) and
+    ``workdir/release_<average>`` (EMA, Polyak), and with ``export_dir`` a serving SavedModel
+    (tfdpfair.tfx.export.export_serving: tf.Example and image signatures, model card).
+    """
     # ---- set-up ------------------------------------------------------------------------
     workdir = pathlib.Path(workdir)
     resuming = wd.claim_workdir(workdir, config)
@@ -85,7 +92,33 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path,
     if config.non_private.enabled or not config.dp.enabled:
         summary["variants"]["non_private"] = run_non_private(config, data, weights, workdir)
     # ---- outputs -----------------------------------------------------------------------
+    if dp_model is not None:
+        export_private(dp_model, data, workdir, export_dir)
     return finish(config, workdir, summary, dp_model, writer, start)
+
+
+def export_private(dp_model: Any, data: TaskData, workdir: pathlib.Path,
+                   export_dir: str | pathlib.Path | None) -> None:
+    """Release exports of every weight variant, and the serving export if asked for."""
+    for name in ["last", *dp_model.average_names()]:
+        dp_model.export_release(workdir / ("release" if name == "last" else f"release_{name}"),
+                                weights=name)
+    if export_dir is None:
+        return
+    from tfdpfair.tfx.export import export_serving  # serving deps only when exporting
+    weights = "ema" if "ema" in dp_model.average_names() else "last"
+    export_serving(dp_model, export_dir, serving_image_config(data), weights=weights,
+                   output="sigmoid" if data.task == "multilabel" else "softmax")
+    log(f"serving SavedModel ({weights} weights) in {export_dir}")
+
+
+def serving_image_config(data: TaskData) -> ImageConfig:
+    """How the training inputs were made from pixels in [0, 1] (the serving preprocessing)."""
+    config = getattr(data.train, "config", None)
+    if config is not None:
+        return config
+    height, width, channels = data.input_shape
+    return ImageConfig((height, width), channels=channels, normalization="zero_one")
 
 
 def initial_weights(config: Any, data: TaskData, workdir: pathlib.Path
@@ -148,12 +181,24 @@ def dp_config_from(dp: Any, num_examples: int) -> DPConfig:
     return DPConfig(**values)
 
 
+def privacy_units(config: Any, data: TaskData) -> int:
+    """N for the accountant: training examples, or patients with dp.privacy_unit="patient"."""
+    if config.dp.get("privacy_unit", "example") != "patient":
+        return data.num_train
+    ids = getattr(data.train, "patient_ids", None)
+    if ids is None:
+        raise ValueError(f"dp.privacy_unit='patient' needs patient ids; data.name="
+                         f"{config.data.name!r} has none (CheXpert and MIMIC-CXR do).")
+    return int(np.unique(np.asarray(ids)).size)
+
+
 def check_budget(config: Any, data: TaskData) -> accounting.PrivacyPlan:
     """The plan a new DP run would fix (raises for an unreachable ε); nothing is stored."""
-    cfg = dp_config_from(config.dp, data.num_train)
+    units = privacy_units(config, data)
+    cfg = dp_config_from(config.dp, units)
     return accounting.plan_dp_sgd(
-        num_examples=data.num_train, expected_batch_size=cfg.expected_batch_size,
-        steps=planned_steps(config.dp, data.num_train), noise_multiplier=cfg.noise_multiplier,
+        num_examples=units, expected_batch_size=cfg.expected_batch_size,
+        steps=planned_steps(config.dp, units), noise_multiplier=cfg.noise_multiplier,
         target_epsilon=cfg.target_epsilon, delta=cfg.delta, accountant=cfg.accountant)
 
 
@@ -167,15 +212,15 @@ def planned_steps(dp: Any, num_examples: int) -> int:
 def run_private(config: Any, data: TaskData, weights: list[np.ndarray], workdir: pathlib.Path,
                 writer: MetricWriter, strategy: tf.distribute.Strategy) -> tuple[Any, dict]:
     """DP-SGD fine-tuning (restore -> loop -> final evaluation); returns (DPModel, summary)."""
-    total = planned_steps(config.dp, data.num_train)
+    units = privacy_units(config, data)
+    total = planned_steps(config.dp, units)
     with strategy.scope():
-        dp = make_private(fresh_model(config, data, weights),
-                          dp_config_from(config.dp, data.num_train))
+        dp = make_private(fresh_model(config, data, weights), dp_config_from(config.dp, units))
         dp.compile(optimizer=models.make_optimizer(config.optimizer, config.schedule, total),
                    loss=models.make_loss(data.task), metrics=models.train_metrics(data.task),
                    steps_per_execution=int(config.train.steps_per_execution))
-    plan = restore_or_plan(dp, workdir / wd.CHECKPOINT_DIR, data.num_train, total)
-    log(f"DP plan: N = {plan.num_examples}, σ = {plan.noise_multiplier:.4f}, "
+    plan = restore_or_plan(dp, workdir / wd.CHECKPOINT_DIR, units, total)
+    log(f"DP plan: N = {plan.num_examples} {plan.unit}s, σ = {plan.noise_multiplier:.4f}, "
         f"q = {plan.sampling_rate:.4g}, T = {plan.steps} steps ({dp.logical_steps_done} done), "
         f"δ = {plan.delta:.3g}, planned ε = {plan.epsilon():.3f} ({plan.accountant}); "
         f"averages: {dp.average_names() or 'none'}")
@@ -193,9 +238,10 @@ def run_private(config: Any, data: TaskData, weights: list[np.ndarray], workdir:
                "sampling_rate": plan.sampling_rate, "expected_batch_size":
                plan.expected_batch_size, "num_private_examples": plan.num_examples,
                "accountant": plan.accountant, "target_epsilon": plan.target_epsilon,
-               "planned_steps": plan.steps}
+               "planned_steps": plan.steps, "privacy_unit": plan.unit}
     plan_info = {"epsilon": summary["epsilon"], "delta": plan.delta,
-                 "steps": dp.logical_steps_done, "noise_multiplier": plan.noise_multiplier}
+                 "steps": dp.logical_steps_done, "noise_multiplier": plan.noise_multiplier,
+                 "privacy_unit": plan.unit}
     summary["variants"] = evaluate_private(config, data, dp, workdir, plan_info)
     return dp, summary
 
