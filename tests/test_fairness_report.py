@@ -58,7 +58,7 @@ def test_report_files_and_answer_sentence(tmp_path):
             assert f"]({png})" in text
     # The tiny group is reported as n/a with its count and the reason.
     assert "| 90+ (n/a: group too small: 10 < min_group_size=30 examples) | 10 | n/a |" in text
-    assert "| eps1/private | yes | 1 | 1e-05 |" in text
+    assert "| eps1/private | yes (one example) | 1 | 1e-05 |" in text
 
 
 def test_report_from_json_round_trip(tmp_path):
