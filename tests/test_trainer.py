@@ -212,3 +212,26 @@ def test_patient_level_chexpert_variant_accounts_over_patients(data_dirs, tmp_pa
     assert metrics["delta"] == pytest.approx(1 / patients)
     assert metrics["variants"]["private"]["privacy_unit"] == "patient"
     assert "one patient (all their" in (tmp_path / "report.md").read_text()
+
+
+def test_binary_exports_release_and_serving_model(tmp_path, data_dirs):
+    """A DP run writes seed-free release exports, and with export_dir a serving SavedModel
+    whose image signature gives the released (EMA) model's probabilities."""
+    import keras
+    import tensorflow as tf
+
+    from tfdpfair.data.demo import load_demo_data
+    config = runlocal_config("demo", data_dirs)
+    config.non_private.enabled = False
+    trainer.train_and_evaluate(config, tmp_path / "run", export_dir=tmp_path / "serving")
+    for name in ("release", "release_ema", "release_polyak"):
+        assert (tmp_path / "run" / name / "model.keras").exists()
+    released = keras.models.load_model(tmp_path / "run" / "release_ema" / "model.keras")
+    served = tf.saved_model.load(str(tmp_path / "serving"))
+    assert {"serving_default", "serving_images"} <= set(served.signatures)
+    images = load_demo_data(image_size=config.data.image_size).test.images[:5]
+    fn = served.signatures["serving_images"]
+    argument = next(iter(fn.structured_input_signature[1]))
+    got = next(iter(fn(**{argument: tf.constant(images)}).values())).numpy()
+    np.testing.assert_allclose(got, tf.nn.softmax(released(images)).numpy(), atol=1e-5)
+    assert (tmp_path / "serving" / "privacy_statement.json").exists()
