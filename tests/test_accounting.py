@@ -247,3 +247,18 @@ def test_unconverged_rdp_order_messages_are_silenced(caplog, capfd):
     assert "failed to converge" not in caplog.text + out + err
     # The dropped orders leave a valid bound: our ε is dp_accounting's, unchanged.
     assert eps == pytest.approx(direct_epsilon(sigma, q, steps, delta, "rdp"), rel=1e-12)
+
+
+@pytest.mark.parametrize("sigma,q,steps,delta", [
+    (2.2, 256 / 1168, 92, 4e-4), (1.1, 256 / 60000, 14063, 1e-5), (10.0, 4096 / 50000, 875, 1e-5),
+    (0.7, 1.0, 3, 1e-3)])
+def test_cached_one_step_rdp_gives_dp_accountings_epsilon_exactly(sigma, q, steps, delta,
+                                                                  monkeypatch):
+    from tfdpfair.privacy import rdp_steps
+    want = direct_epsilon(sigma, q, steps, delta)
+    assert rdp_steps.epsilon(sigma, q, steps, delta, acc.NEIGHBORING_RELATION) == pytest.approx(
+        want, rel=1e-12)
+    acc.compute_epsilon.cache_clear()
+    monkeypatch.setattr(rdp_steps, "one_step_rdp", lambda *a: None)  # fallback: full compose
+    assert acc.compute_epsilon(sigma, q, steps, delta, "rdp") == pytest.approx(want, rel=1e-12)
+    acc.compute_epsilon.cache_clear()
