@@ -190,7 +190,12 @@ class NFBlock(keras.layers.Layer):
         out = self.conv2(act(out))
         return self.se(out)
 
-    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+    def branch_and_shortcut(self, inputs: tf.Tensor, training: bool | None = None
+                            ) -> tuple[tf.Tensor, tf.Tensor]:
+        """(r, shortcut) with call(x) = r·(skip_gain·α) + shortcut; r after stochastic depth.
+
+        Ghost clipping (privacy/ghost_rules.py) reads r to form ∂l/∂skip_gain = α·Σ r·δ.
+        """
         normalized = scaled_activation(self.activation, inputs) * self.beta
         shortcut = inputs
         if self.stride > 1:
@@ -199,8 +204,11 @@ class NFBlock(keras.layers.Layer):
             shortcut = normalized
         if self.use_projection:
             shortcut = self.conv_shortcut(shortcut)
-        out = self.stoch_depth(self.residual_branch(normalized), training=training)
-        return out * (self.skip_gain * self.alpha) + shortcut
+        return self.stoch_depth(self.residual_branch(normalized), training=training), shortcut
+
+    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        branch, shortcut = self.branch_and_shortcut(inputs, training=training)
+        return branch * (self.skip_gain * self.alpha) + shortcut
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         def out_dim(d):

@@ -76,12 +76,16 @@ class WideResNetBlock(keras.layers.Layer):
         if self.use_skip_init:
             self.skip_gain = self.add_weight(name="skip_gain", shape=(), initializer="zeros")
 
-    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+    def branch_and_shortcut(self, inputs: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(r, skip) with call(x) = r·skip_gain + skip (or r + skip without SkipInit)."""
         skip = inputs
         if self.project:
             skip = self.skip_conv(self.skip_norm(self._act(inputs)))
         out = self.conv0(self.norm0(self._act(inputs)))
-        out = self.conv1(self.norm1(self._act(out)))
+        return self.conv1(self.norm1(self._act(out))), skip
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        out, skip = self.branch_and_shortcut(inputs)
         if self.use_skip_init:
             out = out * self.skip_gain
         return out + skip

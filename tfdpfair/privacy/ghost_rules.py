@@ -268,7 +268,7 @@ def _skip_gain_pieces(layer, records, batch, wanted, alpha):
 
 class NFBlockRule(Rule):
     """NFBlock.call with the residual branch r recorded: y = r·(skip_gain·α) + shortcut, so
-    ∂l_i/∂skip_gain = α·Σ r_i·δ_i. Mirrors nfnet.NFBlock.call (checked by the model tests)."""
+    ∂l_i/∂skip_gain = α·Σ r_i·δ_i (NFBlock.branch_and_shortcut gives r and the shortcut)."""
 
     layer_type = nfnet.NFBlock
 
@@ -276,15 +276,7 @@ class NFBlockRule(Rule):
         return [layer.skip_gain]
 
     def forward(self, layer, original, capture, inputs, training=None, **kwargs):
-        normalized = tfdp_layers.scaled_activation(layer.activation, inputs) * layer.beta
-        shortcut = inputs
-        if layer.stride > 1:
-            shortcut = tf.nn.avg_pool2d(normalized, 2, 2, "SAME")
-        elif layer.use_projection:
-            shortcut = normalized
-        if layer.use_projection:
-            shortcut = layer.conv_shortcut(shortcut)
-        branch = layer.stoch_depth(layer.residual_branch(normalized), training=training)
+        branch, shortcut = layer.branch_and_shortcut(inputs, training=training)
         z = branch * (layer.skip_gain * layer.alpha) + shortcut
         capture.record(layer, z, r=branch)
         return z
@@ -297,18 +289,12 @@ class WideResNetBlockRule(Rule):
     """WideResNetBlock.call (use_skip_init=True) with the residual branch recorded."""
 
     layer_type = wide_resnet.WideResNetBlock
-    _ACT = {"relu": tf.nn.relu, "gelu": tf.nn.gelu, "identity": tf.identity}
 
     def variables(self, layer):
         return [layer.skip_gain] if layer.use_skip_init else []
 
     def forward(self, layer, original, capture, inputs, *args, **kwargs):
-        act = self._ACT[layer.activation]
-        skip = inputs
-        if layer.project:
-            skip = layer.skip_conv(layer.skip_norm(act(inputs)))
-        branch = layer.conv0(layer.norm0(act(inputs)))
-        branch = layer.conv1(layer.norm1(act(branch)))
+        branch, skip = layer.branch_and_shortcut(inputs)
         z = branch * layer.skip_gain + skip
         capture.record(layer, z, r=branch)
         return z
