@@ -25,23 +25,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from experiments import model_factory  # noqa: E402
+from step_timer import StepTimer  # noqa: E402  (benchmarks/, on sys.path for a script)
 from tfdpfair.data.demo import load_demo_data  # noqa: E402
 from tfdpfair.privacy.dp_sgd import DPConfig  # noqa: E402
 from tfdpfair.training.dp_model import make_private  # noqa: E402
-
-
-class StepTimer(keras.callbacks.Callback):
-    """Wall time of every fit() batch (one logical step each)."""
-
-    def __init__(self):
-        super().__init__()
-        self.times, self._start = [], 0.0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def main() -> None:

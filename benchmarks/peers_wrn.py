@@ -54,16 +54,7 @@ def tf_worker(args: argparse.Namespace) -> None:
     from tfdpfair.privacy.dp_sgd import DPConfig
     from tfdpfair.training.dp_model import make_private
 
-    class StepTimer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.times, self._start = [], 0.0
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.times.append(time.perf_counter() - self._start)
+    from step_timer import StepTimer  # benchmarks/ is on sys.path for a script
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch,) + IMAGE_SHAPE, dtype=np.float32)
