@@ -50,13 +50,15 @@ def grouped_conv_net():
         keras.layers.Flatten(), keras.layers.Dense(3)])
 
 
-def ws_gn_net():  # grouped WS convs, GroupNorm affine parameters
+def ws_gn_net():  # grouped and strided WS convs (both paddings), GroupNorm affine parameters
     keras.utils.set_random_seed(4)
     return keras.Sequential([
         keras.Input((6, 6, 4)), WSConv2D(8, 3, groups=2, name="ws0"),
         keras.layers.GroupNormalization(4), keras.layers.Activation("relu"),
-        WSConv2D(6, 1, strides=2, name="ws1"), keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(3)])
+        WSConv2D(8, 3, strides=2, name="ws_s2"),  # 6 -> 3, SAME pads (0, 1)
+        WSConv2D(4, 3, strides=2, padding="valid", groups=2, name="ws_valid"),  # 3 -> 1
+        WSConv2D(6, 1, strides=2, name="ws1"),
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
 
 
 def nfnet_nano():  # grouped WS convs, squeeze-excite, SkipInit gains

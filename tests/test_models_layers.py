@@ -91,12 +91,34 @@ def test_conv2d_custom_gradient_matches_native(k, stride, size):
     grads = []
     for fn in (lambda a, b: layers.conv2d(a, b, stride, "same"),
                lambda a, b: tf.nn.conv2d(a, b, stride, "SAME")):
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, layers.vectorizable_conv_gradients():
             tape.watch([x, w])
             loss = tf.reduce_sum(fn(x, w) * dy_w)
         grads.append(tape.gradient(loss, [x, w]))
     for ours, native in zip(*grads):
         np.testing.assert_allclose(ours.numpy(), native.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("vectorizable", [True, False])
+def test_conv2d_uses_native_kernel_gradient_outside_per_example_mode(vectorizable):
+    """Batched backward passes get TF's Conv2DBackpropFilter (fast); per-example tracing gets
+    the im2col form that tf.vectorized_map vectorises."""
+    x, w = tf.ones([2, 5, 5, 3]), tf.ones([3, 3, 3, 4])
+
+    def kernel_grad(w):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            loss = tf.reduce_sum(layers.conv2d(x, w, 1, "same"))
+        return tape.gradient(loss, w)
+
+    fn = tf.function(kernel_grad)
+    if vectorizable:
+        with layers.vectorizable_conv_gradients():
+            graph = fn.get_concrete_function(w).graph
+    else:
+        graph = fn.get_concrete_function(w).graph
+    op_types = {op.type for op in graph.get_operations()}
+    assert ("Conv2DBackpropFilter" in op_types) is not vectorizable
 
 
 def test_scaled_activations_have_unit_variance():

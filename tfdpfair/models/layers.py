@@ -13,7 +13,9 @@ Seed them globally with ``tf.random.set_seed``.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from typing import Any, Iterator
 
 import keras
 import numpy as np
@@ -127,14 +129,37 @@ def extract_patches(x: tf.Tensor, kernel_size: int, stride: int, padding: str) -
     return tf.concat(cols, axis=-1) if len(cols) > 1 else cols[0]
 
 
-def conv2d(x: tf.Tensor, kernel: tf.Tensor, stride: int, padding: str) -> tf.Tensor:
-    """tf.nn.conv2d (NHWC, HWIO kernel) whose kernel gradient vectorises per example.
+_PER_EXAMPLE_MODE = threading.local()
 
-    Forward: the native convolution. Backward: dL/dx by the native input backprop;
-    dL/dW[p, o] = Σ_{b,h,w} patches(x)[b,h,w,p] · dL/dy[b,h,w,o] (an einsum over im2col
-    patches), instead of TF's Conv2DBackpropFilter, which ``tf.vectorized_map`` can only run
-    as a sequential while-loop (slow to trace and to run).
+
+@contextlib.contextmanager
+def vectorizable_conv_gradients() -> Iterator[None]:
+    """Inside this context (while a per-example function is traced for ``tf.vectorized_map``),
+    :func:`conv2d` differentiates its kernel by an im2col einsum that vectorises per example.
+
+    Outside it, :func:`conv2d` is the plain ``tf.nn.conv2d`` with TensorFlow's native gradient
+    (Conv2DBackpropFilter), which is faster for a batched backward pass: non-private training,
+    ghost clipping (which never forms a kernel gradient in the backward pass) and evaluation.
     """
+    previous = getattr(_PER_EXAMPLE_MODE, "on", False)
+    _PER_EXAMPLE_MODE.on = True
+    try:
+        yield
+    finally:
+        _PER_EXAMPLE_MODE.on = previous
+
+
+def conv2d(x: tf.Tensor, kernel: tf.Tensor, stride: int, padding: str) -> tf.Tensor:
+    """tf.nn.conv2d (NHWC, HWIO kernel); a kernel gradient that vectorises per example inside
+    :func:`vectorizable_conv_gradients`.
+
+    Forward: the native convolution. Backward: dL/dx by the native input backprop. Inside the
+    context, dL/dW[p, o] = Σ_{b,h,w} patches(x)[b,h,w,p] · dL/dy[b,h,w,o] (an einsum over
+    im2col patches), instead of TF's Conv2DBackpropFilter, which ``tf.vectorized_map`` can only
+    run as a sequential while-loop (slow to trace and to run); outside it, the native gradient.
+    """
+    if not getattr(_PER_EXAMPLE_MODE, "on", False):
+        return tf.nn.conv2d(x, kernel, strides=stride, padding=padding.upper())
     pad = padding.upper()
 
     @tf.custom_gradient

@@ -26,6 +26,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import tensorflow as tf
 
+from tfdpfair.models.layers import vectorizable_conv_gradients
+
 PerExampleLossFn = Callable[[Any], Any]
 """Maps ONE example (a nested structure of tensors without a batch axis) to a scalar loss, or
 with ``has_aux=True`` to ``(loss, aux)`` where aux is any nested structure of tensors (e.g. the
@@ -90,7 +92,8 @@ def per_example_gradients(
             loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return grads, loss, aux
 
-    grads, losses, aux = tf.vectorized_map(one_example, examples)
+    with vectorizable_conv_gradients():  # traced here, so WSConv2D picks its vectorisable grad
+        grads, losses, aux = tf.vectorized_map(one_example, examples)
     return (list(grads), losses, aux) if has_aux else (list(grads), losses)
 
 

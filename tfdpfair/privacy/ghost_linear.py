@@ -17,7 +17,7 @@ Frobenius norm is computed either
 ``choose_mode`` picks ghost when T·(P + O) < P·O (fewer flops; it then also needs less
 memory, since T < P·O/(P + O) implies 2T² < P·O/2) and the direct gradient would be large
 (> DIRECT_MAX_ENTRIES per example), else direct. The clipped sum
-Σ_i c_i G_i is one einsum over (i, t) with D scaled by c_i (book-keeping), or a tensordot of
+Σ_i c_i G_i is one matmul over (i, t) with D scaled by c_i (book-keeping), or a tensordot of
 the already materialised G_i in direct mode.
 
 Weight-standardised kernels (:class:`WSProjection`) add the exact correction of the
@@ -45,7 +45,8 @@ class WSProjection:
     The A/D of the :class:`LinearPiece` are then taken with respect to u and scaled by
     1/sqrt(max(N·var, eps)) per channel, so that the kernel gradient is P_o(h) = h −
     active·u(uᵀh) − mean_p(h) per channel (``project``).
-    ``asum`` [B, T, G] = Σ_p A and ``tu`` [B, T, G, O] = A·u are needed by the ghost mode only.
+    ``asum`` [B, T, G] = Σ_p A and ``tu`` [B, T, G, O] = A·u give the per-example norm of the
+    projected gradient in closed form (both modes), so no per-example gradient is projected.
     """
 
     u: tf.Tensor
@@ -72,7 +73,7 @@ class LinearPiece:
     D: tf.Tensor
     ws: WSProjection | None = None
     mode: str = AUTO
-    _per_example: tf.Tensor | None = None  # [B, G, P, O] in direct mode, after sq_norms
+    _per_example: tf.Tensor | None = None  # [B, G, P, O] in direct mode after sq_norms (unprojected)
 
     def dims(self) -> tuple[int | None, int, int]:
         return self.A.shape[1], int(self.A.shape[-1]), int(self.D.shape[-1])
@@ -88,20 +89,24 @@ class LinearPiece:
         t = A.shape[1]
         if self.ws is None and t == 1:  # rank-2 Dense: ‖a_i‖²·‖δ_i‖² per group
             return tf.reduce_sum(tf.reduce_sum(A * A, -1) * tf.reduce_sum(D * D, -1), [1, 2])
+        a, d = group_major(A), group_major(D)  # [B, G, T, P], [B, G, T, O]
         if self.resolved_mode() == DIRECT:
-            g = tf.einsum("btgp,btgo->bgpo", A, D)
-            if self.ws is not None:
-                g = self.ws.project(g)
+            g = tf.linalg.matmul(a, d, transpose_a=True)  # [B, G, P, O], before any WS projection
             self._per_example = g
-            return tf.reduce_sum(tf.square(g), [1, 2, 3])
-        sq = tf.reduce_sum(tf.einsum("btgp,bsgp->bgts", A, A)
-                           * tf.einsum("btgo,bsgo->bgts", D, D), [1, 2, 3])
-        if self.ws is None:
-            return sq
+            sq = tf.reduce_sum(tf.square(g), [1, 2, 3])
+        else:
+            sq = tf.reduce_sum(tf.linalg.matmul(a, a, transpose_b=True)
+                               * tf.linalg.matmul(d, d, transpose_b=True), [1, 2, 3])
+        return sq if self.ws is None else self._standardisation_correction(sq, d)
+
+    def _standardisation_correction(self, sq: tf.Tensor, d: tf.Tensor) -> tf.Tensor:
+        """‖P(h_i)‖² from ‖h_i‖² (docs/ghost_clipping.md): per (g, o), subtract
+        (Σ_p h)²/N and active·(uᵀh)², both formed from A's row sums and A·u, never from h."""
         ws = self.ws
-        fan_in = float(A.shape[-1])
-        hsum = tf.einsum("btg,btgo->bgo", ws.asum, D)  # Σ_p h[p, o]
-        uh = tf.reduce_sum(ws.tu * D, axis=1)  # uᵀh per (g, o)
+        fan_in = float(self.A.shape[-1])
+        hsum = tf.linalg.matmul(group_major(ws.asum[..., None]), d,
+                                transpose_a=True)[:, :, 0]  # Σ_p h[p, o]: [B, G, O]
+        uh = tf.reduce_sum(ws.tu * self.D, axis=1)  # uᵀh per (g, o)
         sq = sq - tf.reduce_sum(tf.square(hsum), [1, 2]) / fan_in \
             - tf.reduce_sum(ws.active * tf.square(uh), [1, 2])
         return tf.where(sq < 0.0, tf.zeros_like(sq), sq)  # rounding; keeps NaN
@@ -109,12 +114,28 @@ class LinearPiece:
     def weighted_sum(self, factors: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
         """Σ_i factors_i · G_i as [G, P, O]; rows with keep = False contribute exactly 0."""
         if self._per_example is not None:
-            g = zero_rows(self._per_example, keep)
-            return tf.tensordot(factors, g, axes=[[0], [0]])
-        A = zero_rows(self.A, keep)
-        D = zero_rows(self.D, keep) * factors[:, None, None, None]
-        h = tf.einsum("btgp,btgo->gpo", A, D)
+            h = tf.tensordot(factors, zero_rows(self._per_example, keep), axes=[[0], [0]])
+        else:
+            A = zero_rows(self.A, keep)
+            D = zero_rows(self.D, keep) * factors[:, None, None, None]
+            # One [P, B·T] x [B·T, O] product per group: examples and positions are contracted.
+            a = tf.transpose(tf.reshape(A, [-1] + A.shape[2:].as_list()), [1, 0, 2])
+            d = tf.transpose(tf.reshape(D, [-1] + D.shape[2:].as_list()), [1, 0, 2])
+            h = tf.linalg.matmul(a, d, transpose_a=True)
+        # The standardisation Jacobian is the same for every example: Σ c_i·P(h_i) = P(Σ c_i·h_i).
         return h if self.ws is None else self.ws.project(h)
+
+
+def group_major(x: tf.Tensor) -> tf.Tensor:
+    """[B, T, G, K] -> [B, G, T, K] for batched matmuls (a free reshape when G = 1).
+
+    ``tf.einsum`` over the same indices transposes its operands first; on a 2-core CPU that
+    made the per-example products 1.5–3.8× slower than these batched matmuls
+    (benchmarks/clipping_methods.py, WRN-16-4 at 32×32).
+    """
+    if x.shape[2] == 1:
+        return tf.reshape(x, [tf.shape(x)[0], 1, tf.shape(x)[1], x.shape[3]])
+    return tf.transpose(x, [0, 2, 1, 3])
 
 
 DIRECT_MAX_ENTRIES = 1 << 16
@@ -151,7 +172,9 @@ def image_patches(x: tf.Tensor, kernel_size, strides, padding: str, dilation=(1,
     sh, sw = strides
     if kh == kw == 1 and tuple(dilation) == (1, 1):
         return x[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else x
-    if kh == kw and sh == sw and tuple(dilation) == (1, 1):  # pad + strided slices: faster
+    if kh == kw and sh == sw == 1 and tuple(dilation) == (1, 1):
+        # pad + shifted slices: 39 ms vs 60 ms for ExtractImagePatches at [128, 32, 32, 64];
+        # with stride 2 the strided slices are the slow ones (85 ms vs 16 ms at the same size).
         return extract_patches(x, kh, sh, padding)
     return tf.image.extract_patches(
         x, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
@@ -166,6 +189,18 @@ def grouped_patches(x, kernel_size, strides, padding, groups, batch, dilation=(1
     patches = tf.reshape(patches, [batch, -1, kk, groups, cin // groups])
     patches = tf.transpose(patches, [0, 1, 3, 2, 4])
     return tf.reshape(patches, [batch, -1, groups, kk * (cin // groups)])
+
+
+def window_sums(x: tf.Tensor, kernel_size, strides, padding: str, groups: int, batch):
+    """Σ_p A[i, t, g, p] as [B, T, G]: the sum of each im2col patch within each group, formed
+    as a depthwise box filter over the group's channel sums (no patches are materialised)."""
+    x = tf.cast(x, tf.float32)
+    cin = int(x.shape[-1])
+    sums = tf.reduce_sum(tf.reshape(x, tf.concat([tf.shape(x)[:-1], [groups, cin // groups]],
+                                                  0)), -1)  # [N, H, W, G]
+    box = tf.ones(list(kernel_size) + [groups, 1], tf.float32)
+    out = tf.nn.depthwise_conv2d(sums, box, [1, strides[0], strides[1], 1], padding.upper())
+    return tf.reshape(out, [batch, -1, groups])
 
 
 def grouped_rows(d: tf.Tensor, groups: int, batch) -> tf.Tensor:

@@ -196,7 +196,8 @@ class WSConv2DRule(Rule):
             ws = gl.WSProjection(
                 u=gl.kernel_to_grouped(first["u"], g),
                 active=tf.reshape(first["active"], [g, -1]),
-                asum=tf.reduce_sum(a, -1), tu=tu)
+                asum=_concat(records, "x", lambda r: gl.window_sums(
+                    r["x"], (k, k), (layer.strides,) * 2, layer.padding, g, batch)), tu=tu)
             out.append(KernelPiece(gl.LinearPiece(layer.kernel, a, d, ws=ws, mode=mode),
                                    tuple(layer.kernel.shape)))
         return out
