@@ -13,6 +13,7 @@ from tfdpfair.models.wide_resnet import build_wide_resnet
 from tfdpfair.privacy.clipping import clipped_grad_sum
 from tfdpfair.privacy.ghost_clipping import (
     batch_example_loss_fn, describe_plan, ghost_clipped_grad_sum)
+from tfdpfair.privacy import ghost_linear
 from tfdpfair.privacy.ghost_linear import choose_mode
 from tfdpfair.training.example_loss import example_loss_fn
 
@@ -132,9 +133,17 @@ CASES = [(mlp, (6,)), (sequence_net, (5, 6)), (grouped_conv_net, (7, 7, 4)),
          (ws_gn_net, (6, 6, 4))]
 
 
+@pytest.fixture(params=["whole_batch", "one_example_chunks"])
+def chunking(request, monkeypatch):
+    """Per-example products over the whole batch at once, or one example per chunk."""
+    if request.param == "one_example_chunks":
+        monkeypatch.setattr(ghost_linear, "CHUNK_BYTES", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("make_model,shape", CASES, ids=lambda c: getattr(c, "__name__", ""))
 @pytest.mark.parametrize("mode", ["ghost", "direct"])
-def test_layer_rules_match_brute_force(make_model, shape, mode):
+def test_layer_rules_match_brute_force(make_model, shape, mode, chunking):
     model = perturb(make_model())
     assert describe_plan(model)["fallback"] == []
     x, y = data(shape)
@@ -146,7 +155,7 @@ def test_layer_rules_match_brute_force(make_model, shape, mode):
 
 
 @pytest.mark.parametrize("make_model", [nfnet_nano, small_wrn], ids=["nfnet_nano", "wrn_10_1"])
-def test_whole_models_match_brute_force(make_model):
+def test_whole_models_match_brute_force(make_model, chunking):
     model = perturb(make_model(), scale=0.2)
     assert describe_plan(model)["fallback"] == []
     x, y = data((8, 8, 3))
@@ -213,7 +222,7 @@ def test_fallback_variables_join_the_global_norm():
     assert_matches(run_ghost(model, x, y, MASK, 0.3), expected, norms, MASK, 0.3)
 
 
-def test_augmult_and_tf_function_match_the_vectorized_method():
+def test_augmult_and_tf_function_match_the_vectorized_method(chunking):
     """K = 2 views per example, compiled: same as clipping.clipped_grad_sum (per-example)."""
     model = perturb(ws_gn_net())
     x, y = data((2, 6, 6, 4))
@@ -241,6 +250,36 @@ def test_one_example_moves_the_sum_by_at_most_c():
     diff = np.sqrt(sum(np.sum((a.numpy() - b.numpy()) ** 2)
                        for a, b in zip(full.grad_sum, without.grad_sum)))
     assert diff <= clip * (1 + 1e-5)
+
+
+@pytest.fixture
+def bfloat16_policy():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_bfloat16_computes_in_bf16_and_clips_in_float32(bfloat16_policy):
+    """bf16 forward/backward (the speed option), fp32 norms and clipped sums: the norms equal
+    the per-example loop on the same bf16 model to bf16 accuracy, and removing one example
+    moves the float32 sum by at most C (sensitivity is exact for the vectors summed)."""
+    model = perturb(ws_gn_net())
+    assert model.get_layer("ws0").compute_dtype == "bfloat16"
+    x, y = data((6, 6, 4))
+    _, norms = per_example_grads(model, x, y, MASK)
+    clip = middle_norm(norms)
+    full = run_ghost(model, x, y, MASK, clip)
+    assert all(g.dtype == tf.float32 for g in full.grad_sum)
+    np.testing.assert_allclose(full.grad_norms.numpy(), norms, rtol=3e-2, atol=1e-4)
+    for i in np.flatnonzero(MASK):
+        mask = MASK.copy()
+        mask[i] = 0.0
+        without = run_ghost(model, x, y, mask, clip)
+        moved = np.sqrt(sum(np.sum((a.numpy().astype(np.float64) - b.numpy()) ** 2)
+                            for a, b in zip(full.grad_sum, without.grad_sum)))
+        expected = min(float(full.grad_norms[i]), clip)  # ‖c_i·g_i‖ of the vector summed
+        assert moved == pytest.approx(expected, rel=1e-4)
+        assert moved <= clip * (1 + 1e-5)
 
 
 def test_layer_wrappers_are_removed_and_errors_are_clear():

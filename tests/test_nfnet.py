@@ -260,7 +260,7 @@ PICO = nfnet.NFNetConfig(
 
 
 def _dp_test_model(drop_rate, stochdepth_rate, variant=PICO):
-    tf.random.set_seed(0)
+    keras.utils.set_random_seed(0)  # the weights must not depend on earlier tests
     model = nfnet.build_nfnet(variant, 10, input_shape=(8, 8, 1), drop_rate=drop_rate,
                               stochdepth_rate=stochdepth_rate, head_init="normal")
     for block in nfnet.nfnet_blocks(model):
@@ -302,8 +302,9 @@ def test_per_example_clipped_gradients_match_brute_force():
     for got, want in zip(result.grad_sum, expected):
         np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(result.grad_norms.numpy(), mask * norms, rtol=1e-4)
-    # Every trained layer really received gradient (nothing silently disconnected).
-    assert all(np.any(g != 0) for gs in per_example[:1] for g in gs)
+    # Every trained layer really received gradient from some real example (nothing silently
+    # disconnected; a ReLU can be dead for one example, e.g. in the 1-unit SE hidden layer).
+    assert all(any(np.any(gs[v] != 0) for gs in per_example[:3]) for v in range(len(variables)))
 
 
 def test_per_example_gradients_with_dropout_and_stochastic_depth():

@@ -201,9 +201,16 @@ def ghost_clipped_grad_sum(
             pieces += rules[id(layer)].pieces(layer, recs, batch, wanted, conv_mode)
     fb_grads = _fallback_gradients(batch_loss_fn, fallback, examples, has_aux)
 
-    squares = [p.piece.sq_norms() if isinstance(p, ghost_rules.KernelPiece) else
-               tf.reduce_sum(tf.reshape(tf.square(p.grads), [batch, -1]), axis=1)
-               for p in pieces]
+    # Weight matrices one after the other (control dependencies), so that only one layer's
+    # patches exist at a time (TF would otherwise make every layer's as soon as it can), and
+    # from the last layer to the first: the order in which the backward pass yields their ∂L/∂z.
+    squares, after = [], []
+    for p in reversed(pieces):
+        if isinstance(p, ghost_rules.KernelPiece):
+            squares.append(p.piece.sq_norms(after=after))
+            after = squares[-1:]
+        else:
+            squares.append(tf.reduce_sum(tf.reshape(tf.square(p.grads), [batch, -1]), axis=1))
     squares += [tf.reduce_sum(tf.reshape(tf.square(g), [batch, -1]), axis=1) for g in fb_grads]
     raw_norms = tf.sqrt(tf.add_n(squares)) if squares else tf.zeros_like(losses)
 
@@ -215,9 +222,11 @@ def ghost_clipped_grad_sum(
     keep = kept > 0
 
     sums: dict[int, tf.Tensor] = {}
+    after = []
     for p in pieces:
         if isinstance(p, ghost_rules.KernelPiece):
-            g = gl.grouped_to_kernel(p.piece.weighted_sum(factors, keep), p.shape)
+            g = gl.grouped_to_kernel(p.piece.weighted_sum(factors, keep, after=after), p.shape)
+            after = [g]
         else:
             g = tf.tensordot(factors, gl.zero_rows(p.grads, keep), axes=[[0], [0]])
         sums[id(p.variable)] = sums.get(id(p.variable), 0.0) + g

@@ -60,6 +60,11 @@ def _concat(records: list[dict], key: str, fn: Callable[[Any], tf.Tensor]) -> tf
     return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
 
+def _fan_in(kernel) -> int:
+    """P = kh·kw·C/G of an HWIO conv kernel [kh, kw, C/G, O]."""
+    return int(kernel.shape[0] * kernel.shape[1] * kernel.shape[2])
+
+
 def _positions_sum(x: tf.Tensor, batch) -> tf.Tensor:
     """[B·R, ..., C] -> [B, C]: the sum over every position (and view) of each example."""
     return tf.reduce_sum(gl.per_example_rows(x, batch), axis=1)
@@ -81,6 +86,47 @@ class Rule:
 
     def pieces(self, layer, records: list[dict], batch, wanted: set, mode: str) -> list:
         raise NotImplementedError
+
+
+def _patch_rows(records: list[dict], batch, kernel_size, strides, padding, groups,
+                dilation=(1, 1)) -> gl.RowsFn:
+    """rows(i0, i1) -> the grouped im2col patches [i1 − i0, T, G, P] of examples i0..i1 over
+    every call of the layer (its input rows are example-major: R = rows per example)."""
+
+    def rows(i0, i1):
+        parts = []
+        for r in records:
+            x, n = r["x"], batch
+            if i0 is not None:
+                views = int(x.shape[0]) // batch
+                x, n = x[i0 * views:i1 * views], i1 - i0
+            parts.append(gl.grouped_patches(x, kernel_size, strides, padding, groups, n,
+                                            dilation))
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+
+    return rows
+
+
+def _native_per_example(records: list[dict], batch, kernel_shape, strides, padding, groups,
+                        scale_dz: Callable[[tf.Tensor], tf.Tensor]) -> gl.RowsFn | None:
+    """per_example(i0, i1) -> [n, G, P, O_g] kernel gradients of examples i0..i1, summed over
+    the layer's calls, by gl.conv_per_example_gradients; None unless all shapes are static."""
+    static = isinstance(batch, int) and all(
+        r["x"].shape.is_fully_defined() and r["dz"].shape.is_fully_defined() for r in records)
+    if not static:
+        return None
+
+    def per_example(i0, i1):
+        total = None
+        for r in records:
+            views = int(r["x"].shape[0]) // batch
+            rows = slice(None) if i0 is None else slice(i0 * views, i1 * views)
+            g = gl.conv_per_example_gradients(r["x"][rows], scale_dz(r["dz"][rows]),
+                                              kernel_shape, strides, padding, groups, views)
+            total = g if total is None else total + g
+        return total
+
+    return per_example
 
 
 def _bias_piece(var, records, batch, wanted):
@@ -135,11 +181,16 @@ class Conv2DRule(Rule):
         out = _bias_piece(layer.bias if layer.use_bias else None, records, batch, wanted)
         if id(layer.kernel) in wanted:
             g = layer.groups
-            a = _concat(records, "x", lambda r: gl.grouped_patches(
-                r["x"], layer.kernel_size, layer.strides, layer.padding, g, batch,
-                layer.dilation_rate))
+            a = _patch_rows(records, batch, layer.kernel_size, layer.strides, layer.padding, g,
+                            layer.dilation_rate)
             d = _concat(records, "dz", lambda r: gl.grouped_rows(r["dz"], g, batch))
-            out.append(KernelPiece(gl.LinearPiece(layer.kernel, a, d, mode=mode),
+            native = None
+            if tuple(layer.dilation_rate) == (1, 1):
+                native = _native_per_example(records, batch, layer.kernel.shape, layer.strides,
+                                             layer.padding, g, lambda dz: dz)
+            out.append(KernelPiece(gl.LinearPiece(layer.kernel, a, d, mode=mode,
+                                                  fan_in=_fan_in(layer.kernel),
+                                                  per_example=native),
                                    tuple(layer.kernel.shape)))
         return out
 
@@ -164,16 +215,27 @@ class WSConv2DRule(Rule):
         active = tf.cast(var_n >= layer.eps, tf.float32)
         return u, tf.maximum(var_n, layer.eps), active
 
+    @staticmethod
+    def _conv(layer, x, u):
+        """conv(x, u) in x's dtype, grouped as WSConv2D.call does."""
+        pad, stride, uk = layer.padding.upper(), layer.strides, tf.cast(u, x.dtype)
+        if layer.groups == 1:
+            return tf.nn.conv2d(x, uk, stride, pad)
+        return tf.concat([tf.nn.conv2d(xg, ug, stride, pad) for xg, ug in zip(
+            tf.split(x, layer.groups, -1), tf.split(uk, layer.groups, -1))], axis=-1)
+
+    def _t32(self, layer, record):
+        """t = conv(x, u) in float32. Under a bf16 policy the forward's t is rounded to bf16;
+        the norm's closed form (uᵀh from t) must match the float32 projection of the summed
+        gradient, so t is recomputed from the recorded x in float32 (sensitivity)."""
+        if record["t"].dtype == tf.float32:
+            return record["t"]
+        return self._conv(layer, tf.cast(record["x"], tf.float32), record["u"])
+
     def forward(self, layer, original, capture, inputs, *args, **kwargs):
         u, s, active = self._standardisation(layer)
-        pad, stride = layer.padding.upper(), layer.strides
         x = tf.convert_to_tensor(inputs)
-        uk = tf.cast(u, x.dtype)
-        if layer.groups == 1:
-            t = tf.nn.conv2d(x, uk, stride, pad)
-        else:
-            t = tf.concat([tf.nn.conv2d(xg, ug, stride, pad) for xg, ug in zip(
-                tf.split(x, layer.groups, -1), tf.split(uk, layer.groups, -1))], axis=-1)
+        t = self._conv(layer, x, u)
         z = t * tf.cast(layer.gain, t.dtype) + tf.cast(layer.bias, t.dtype)
         capture.record(layer, z, x=x, t=t, u=u, s=s, active=active)
         return z
@@ -188,17 +250,21 @@ class WSConv2DRule(Rule):
             g, k = layer.groups, layer.kernel_size
             first = records[0]
             scale = tf.cast(layer.gain, tf.float32) * tf.math.rsqrt(first["s"])  # [O]
-            a = _concat(records, "x", lambda r: gl.grouped_patches(
-                r["x"], (k, k), (layer.strides,) * 2, layer.padding, g, batch))
+            a = _patch_rows(records, batch, (k, k), (layer.strides,) * 2, layer.padding, g)
             d = _concat(records, "dz", lambda r: gl.grouped_rows(
                 tf.cast(r["dz"], tf.float32) * scale, g, batch))
-            tu = _concat(records, "t", lambda r: gl.grouped_rows(r["t"], g, batch))
+            tu = _concat(records, "t", lambda r: gl.grouped_rows(self._t32(layer, r), g, batch))
             ws = gl.WSProjection(
                 u=gl.kernel_to_grouped(first["u"], g),
                 active=tf.reshape(first["active"], [g, -1]),
                 asum=_concat(records, "x", lambda r: gl.window_sums(
                     r["x"], (k, k), (layer.strides,) * 2, layer.padding, g, batch)), tu=tu)
-            out.append(KernelPiece(gl.LinearPiece(layer.kernel, a, d, ws=ws, mode=mode),
+            native = _native_per_example(
+                records, batch, layer.kernel.shape, (layer.strides,) * 2, layer.padding, g,
+                lambda dz: tf.cast(dz, tf.float32) * scale)
+            out.append(KernelPiece(gl.LinearPiece(layer.kernel, a, d, ws=ws, mode=mode,
+                                                  fan_in=_fan_in(layer.kernel),
+                                                  per_example=native),
                                    tuple(layer.kernel.shape)))
         return out
 
