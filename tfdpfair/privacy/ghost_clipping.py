@@ -204,11 +204,14 @@ def ghost_clipped_grad_sum(
     # Weight matrices one after the other (control dependencies), so that only one layer's
     # patches exist at a time (TF would otherwise make every layer's as soon as it can), and
     # from the last layer to the first: the order in which the backward pass yields their ∂L/∂z.
+    # Small layers (whole-batch patches within CHUNK_BYTES) stay unordered: for them TF's
+    # parallel scheduling is worth more than the memory.
     squares, after = [], []
     for p in reversed(pieces):
         if isinstance(p, ghost_rules.KernelPiece):
-            squares.append(p.piece.sq_norms(after=after))
-            after = squares[-1:]
+            large = p.piece.is_large()
+            squares.append(p.piece.sq_norms(after=after if large else ()))
+            after = squares[-1:] if large else after
         else:
             squares.append(tf.reduce_sum(tf.reshape(tf.square(p.grads), [batch, -1]), axis=1))
     squares += [tf.reduce_sum(tf.reshape(tf.square(g), [batch, -1]), axis=1) for g in fb_grads]
@@ -225,8 +228,10 @@ def ghost_clipped_grad_sum(
     after = []
     for p in pieces:
         if isinstance(p, ghost_rules.KernelPiece):
-            g = gl.grouped_to_kernel(p.piece.weighted_sum(factors, keep, after=after), p.shape)
-            after = [g]
+            large = p.piece.is_large()
+            g = gl.grouped_to_kernel(p.piece.weighted_sum(
+                factors, keep, after=after if large else ()), p.shape)
+            after = [g] if large else after
         else:
             g = tf.tensordot(factors, gl.zero_rows(p.grads, keep), axes=[[0], [0]])
         sums[id(p.variable)] = sums.get(id(p.variable), 0.0) + g

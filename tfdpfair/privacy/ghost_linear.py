@@ -71,9 +71,10 @@ input; made for the whole batch (and, by TF's scheduler, for every layer at once
 the largest term of the DP step's peak memory (benchmarks/clipping_methods.py)."""
 
 
-NATIVE_CHUNK_EXAMPLES = 4
-"""Examples per call of :func:`conv_per_example_gradients` (4 was fastest of 1, 4, 8, 16 for
-the WRN-16-4 layers at 16–32 px on this CPU)."""
+NATIVE_CHUNK_BYTES = 3 << 20
+"""Examples per call of :func:`conv_per_example_gradients`: as many as keep their per-example
+gradients, A-sized transposes and D within this many bytes (≈ 4 examples of a 64-channel
+32×32 WRN layer, the fastest of 1, 4, 8, 16 there; a whole small-model batch in one call)."""
 
 
 @dataclasses.dataclass
@@ -111,14 +112,31 @@ class LinearPiece:
             return self.A(i0, i1)
         return self.A if i0 is None else self.A[i0:i1]
 
-    def chunks(self, examples: int | None = None) -> list[tuple[int | None, int | None]]:
-        """[(i0, i1)] covering the batch, ``examples`` per chunk (default: as many as fit
-        CHUNK_BYTES of A); one chunk (None, None) if B or T is not static."""
-        batch, (t, p, _) = self.D.shape[0], self.dims()
-        if batch is None or t is None:
+    def example_bytes(self, native: bool = False) -> int | None:
+        """Bytes per example of A (patches), or, for the native path, of A's input, D and the
+        per-example gradient; None if T is not static."""
+        t, p, o = self.dims()
+        if t is None:
+            return None
+        groups = int(self.D.shape[2])
+        if native:  # input ≈ A / (kh·kw) is not known here; D + gradient + D-sized input
+            return 4 * groups * (2 * t * o + p * o)
+        return 4 * t * groups * p
+
+    def is_large(self) -> bool:
+        """Whether the whole batch's A exceeds CHUNK_BYTES (then chunked and ordered)."""
+        batch, per_example = self.D.shape[0], self.example_bytes()
+        return batch is None or per_example is None or batch * per_example > CHUNK_BYTES
+
+    def chunks(self, native: bool = False) -> list[tuple[int | None, int | None]]:
+        """[(i0, i1)] covering the batch, as many examples per chunk as fit CHUNK_BYTES of A
+        (NATIVE_CHUNK_BYTES for the native path); one chunk (None, None) if B or T is not
+        static."""
+        batch, per_example = self.D.shape[0], self.example_bytes(native)
+        if batch is None or per_example is None:
             return [(None, None)]
-        per_example = 4 * t * int(self.D.shape[2]) * p
-        step = min(batch, examples or max(1, CHUNK_BYTES // max(per_example, 1)))
+        budget = NATIVE_CHUNK_BYTES if native else CHUNK_BYTES
+        step = min(batch, max(1, budget // max(per_example, 1)))
         return [(i, min(i + step, batch)) for i in range(0, batch, step)]
 
     def _d_rows(self, i0, i1) -> tf.Tensor:
@@ -133,7 +151,7 @@ class LinearPiece:
         native = direct and self.per_example is not None
         self._per_example = [] if direct else None
         parts, deps = [], list(after)
-        for i0, i1 in self.chunks(NATIVE_CHUNK_EXAMPLES if native else None):
+        for i0, i1 in self.chunks(native):
             with tf.control_dependencies(deps):
                 if native:  # [n, G, P, O], before any WS projection
                     g = self.per_example(i0, i1)
