@@ -6,9 +6,12 @@ non-private step is the gradient of the summed loss; "vectorized" is
 clipping.clipped_grad_sum (tf.vectorized_map per-example gradients); "ghost" is
 ghost_clipping.ghost_clipped_grad_sum (ghost norms + book-keeping sum). No optimizer update
 and no noise (identical for every method). Timing: median of --repeats calls after 2 warm-ups.
+``--policy mixed_bfloat16`` runs every method with bf16 compute (fp32 variables, norms and
+sums); ``--jit`` compiles every step with XLA. A vectorized case whose per-example gradients
+alone would exceed --max-vectorized-gb is skipped (reported as such).
 
-  python benchmarks/clipping_methods.py                  # all cases (< 5 min on 2 CPU cores)
-  python benchmarks/clipping_methods.py --models nfnet_nano --batches 32
+  python benchmarks/clipping_methods.py                  # the issue-12 table (~25 min, 2 cores)
+  python benchmarks/clipping_methods.py --cases nfnet_nano:32 wrn_16_4:128,512
 """
 
 from __future__ import annotations
@@ -22,11 +25,16 @@ import subprocess
 import sys
 import time
 
-MODELS = {  # name -> (builder, input shape)
+MODELS = {  # name -> (builder, variant, input shape)
     "nfnet_nano": ("nfnet", "nano", (16, 16, 3)),
     "nfnet_micro": ("nfnet", "micro", (32, 32, 3)),
     "wrn_16_2": ("wrn", (16, 2), (16, 16, 3)),
+    "wrn_16_4": ("wrn", (16, 4), (32, 32, 3)),
+    "nfnet_f0_64": ("nfnet", "F0", (64, 64, 3)),
+    "nfnet_f0_192": ("nfnet", "F0", (192, 192, 3)),
 }
+DEFAULT_CASES = ["nfnet_nano:32,128", "nfnet_micro:32,128", "wrn_16_4:32,128,512",
+                 "nfnet_f0_64:8,32", "nfnet_f0_192:4"]
 METHODS = ("nonprivate", "vectorized", "ghost")
 
 
@@ -34,12 +42,14 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def run_case(model_name: str, batch: int, method: str, repeats: int) -> dict:
+def run_case(model_name: str, batch: int, method: str, repeats: int, policy: str,
+             jit: bool) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
     import tensorflow as tf
 
+    keras.mixed_precision.set_global_policy(policy)
     from tfdpfair.models.nfnet import build_nfnet
     from tfdpfair.models.wide_resnet import build_wide_resnet
     from tfdpfair.privacy.clipping import clipped_grad_sum
@@ -63,7 +73,7 @@ def run_case(model_name: str, batch: int, method: str, repeats: int) -> dict:
         per_sample = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
                                                                 reduction="sum")
 
-        @tf.function
+        @tf.function(jit_compile=jit)
         def step():
             with tf.GradientTape() as tape:
                 value = per_sample(y, model(x, training=True))
@@ -71,13 +81,13 @@ def run_case(model_name: str, batch: int, method: str, repeats: int) -> dict:
     elif method == "vectorized":
         fn = example_loss_fn(model, loss)
 
-        @tf.function
+        @tf.function(jit_compile=jit)
         def step():
             return clipped_grad_sum(fn, variables, (x, y), mask, 1.0, has_aux=True).grad_sum
     else:
         fn = batch_example_loss_fn(model, loss)
 
-        @tf.function
+        @tf.function(jit_compile=jit)
         def step():
             return ghost_clipped_grad_sum(model, fn, variables, (x, y), mask, 1.0,
                                           has_aux=True).grad_sum
@@ -96,41 +106,67 @@ def run_case(model_name: str, batch: int, method: str, repeats: int) -> dict:
             "step_s": round(statistics.median(times), 4), "trace_and_first_s": round(first, 2),
             "peak_rss_mb": round(_rss_mb(), 1), "rss_before_step_mb": round(rss_before, 1),
             "examples_per_s": round(batch / statistics.median(times), 1),
-            "threads": os.cpu_count()}
+            "params": int(model.count_params()), "policy": policy, "jit": jit,
+            "threads": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--batches", nargs="+", type=int, default=[32, 128])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES,
+                        help="model:batch[,batch...], models: " + ", ".join(MODELS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16"])
+    parser.add_argument("--jit", action="store_true", help="XLA-compile every step")
+    parser.add_argument("--max-vectorized-gb", type=float, default=6.0)
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # model batch method (child)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.case[2], args.repeats)))
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.case[2], args.repeats,
+                                  args.policy, args.jit)))
         return
+    cases = []
+    for spec in args.cases:
+        model, _, batches = spec.partition(":")
+        if model not in MODELS or not batches:
+            parser.error(f"bad case {spec!r}: use model:batch[,batch], models {list(MODELS)}")
+        cases += [(model, int(b)) for b in batches.split(",")]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for model in args.models:
-        for batch in args.batches:
-            results = {}
-            for method in args.methods:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--case", model, str(batch), method,
-                     "--repeats", str(args.repeats)], capture_output=True, text=True, env=env)
-                if out.returncode:
-                    line = {"model": model, "batch": batch, "method": method,
-                            "error": out.stderr.strip().splitlines()[-1:]}
-                else:
-                    line = json.loads(out.stdout.strip().splitlines()[-1])
-                    results[method] = line
-                    base = results.get("nonprivate")
-                    if base and method != "nonprivate":
-                        line["time_vs_nonprivate"] = round(line["step_s"] / base["step_s"], 2)
-                        line["rss_vs_nonprivate"] = round(
-                            line["peak_rss_mb"] / base["peak_rss_mb"], 2)
+    for model, batch in cases:
+        results = {}
+        for method in args.methods:
+            line = {"model": model, "batch": batch, "method": method, "policy": args.policy,
+                    "jit": args.jit}
+            params = results.get("nonprivate", {}).get("params")
+            per_example_gb = (params or 0) * batch * 4 / 2**30
+            if method == "vectorized" and per_example_gb > args.max_vectorized_gb:
+                line["skipped"] = (f"per-example gradients alone need {per_example_gb:.1f} GB "
+                                   f"(> --max-vectorized-gb {args.max_vectorized_gb})")
                 print(json.dumps(line), flush=True)
+                continue
+            print(f"[clipping_methods] {model} B={batch} {method} ...", file=sys.stderr,
+                  flush=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--case", model, str(batch), method,
+                 "--repeats", str(args.repeats), "--policy", args.policy]
+                + (["--jit"] if args.jit else []), capture_output=True, text=True, env=env)
+            if out.returncode:
+                line["error"] = out.stderr.strip().splitlines()[-1:]
+                line["returncode"] = out.returncode  # -9: killed, e.g. by the OOM killer
+            else:
+                line = json.loads(out.stdout.strip().splitlines()[-1])
+                results[method] = line
+                base = results.get("nonprivate")
+                if base and method != "nonprivate":
+                    line["time_vs_nonprivate"] = round(line["step_s"] / base["step_s"], 2)
+                    line["rss_vs_nonprivate"] = round(
+                        line["peak_rss_mb"] / base["peak_rss_mb"], 2)
+                    line["step_rss_vs_nonprivate"] = round(
+                        (line["peak_rss_mb"] - line["rss_before_step_mb"])
+                        / (base["peak_rss_mb"] - base["rss_before_step_mb"]), 2)
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":
