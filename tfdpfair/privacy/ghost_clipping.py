@@ -15,10 +15,12 @@ c_i = 0 and contributes exactly zero. What differs is how ‖g_i‖ and the sum 
 2. ONE backward pass of L = Σ_i l_i to those outputs only: row i of ∂L/∂z is ∂l_i/∂z_i,
    because DP-safe models do not mix examples. No weight gradient is formed here.
 3. Per-example squared norms per layer from (input, ∂L/∂z): ‖a_i‖²‖δ_i‖² for Dense on
-   vectors, T×T Gram matrices ("ghost") or direct per-example weight gradients for convs and
+   vectors, T×T Gram matrices ("ghost") or direct per-example weight gradients (for convs one
+   native kernel gradient with every example as its own channel group) for convs and
    higher-rank Dense (:mod:`tfdpfair.privacy.ghost_linear`), with the exact standardisation
    Jacobian for WSConv2D (docs/ghost_clipping.md); small variables are materialised per example.
-4. The clipped sum by book-keeping: each weight's Σ_i c_i g_i is one einsum of the stored
+   Large layers run one chunk of examples and one layer at a time (bounded memory).
+4. The clipped sum by book-keeping: each weight's Σ_i c_i g_i is one matmul of the stored
    inputs and c-weighted output gradients (or a tensordot of the direct per-example
    gradients) -- no second backward pass. (A second backward pass of Σ_i c_i l_i would cost
    a full backward, and 0·NaN from a non-finite row would leak into it; book-keeping zeroes

@@ -153,16 +153,11 @@ class LinearPiece:
         parts, deps = [], list(after)
         for i0, i1 in self.chunks(native):
             with tf.control_dependencies(deps):
-                if native:  # [n, G, P, O], before any WS projection
-                    g = self.per_example(i0, i1)
-                    self._per_example.append((i0, i1, g))
-                    sq = tf.reduce_sum(tf.square(g), [1, 2, 3])
-                    parts.append(sq)
-                    deps = [sq]
-                    continue
-                a, d = group_major(self.rows(i0, i1)), group_major(self._d_rows(i0, i1))
+                if not native:
+                    a, d = group_major(self.rows(i0, i1)), group_major(self._d_rows(i0, i1))
                 if direct:  # [n, G, P, O], before any WS projection
-                    g = tf.linalg.matmul(a, d, transpose_a=True)
+                    g = (self.per_example(i0, i1) if native
+                         else tf.linalg.matmul(a, d, transpose_a=True))
                     self._per_example.append((i0, i1, g))
                     sq = tf.reduce_sum(tf.square(g), [1, 2, 3])
                 else:
