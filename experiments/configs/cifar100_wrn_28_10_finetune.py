@@ -19,15 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.parse_arg(arg, runlocal=False)
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.data = ml_collections.ConfigDict()
-    config.data.name = "cifar100"
-    config.data.train_split = "train"
-    config.data.eval_split = "test"
-    config.data.validation_split = ml_collections.config_dict.placeholder(str)
-    config.data.image_size = 32
-    config.data.normalization = "dataset"
-    config.data.data_dir = ml_collections.config_dict.placeholder(str)
-    config.data.in_memory = False
+    config.data = common.tfds_data("cifar100", "test", 32, "dataset")
 
     config.model = common.model("wide_resnet", "WRN-28-10", train="all")
     config.dp = common.dp_section(
@@ -40,15 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = common.runtime(checkpoint_every_steps=10, log_every_steps=1,
                                   eval_every_steps=50, eval_batch_size=500)
     if args.runlocal:
-        config.model = common.model("wide_resnet", (10, 1), train="last_stages:1",
-                                    from_scratch=True)
+        common.runlocal(config, 32, common.model("wide_resnet", (10, 1), train="last_stages:1",
+                                                 from_scratch=True), augmult=2)
         config.dp.noise_multiplier = None
-        config.dp.target_epsilon = 50.0
-        config.dp.delta = 1e-3
-        config.dp.expected_batch_size = 4
-        config.dp.micro_batch_size = 4
-        config.dp.augmult = 2
-        config.dp.steps = 2
-        config.train = common.runtime(checkpoint_every_steps=1, log_every_steps=1,
-                                      eval_batch_size=8)
     return config

@@ -18,15 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.parse_arg(arg, runlocal=False)
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.data = ml_collections.ConfigDict()
-    config.data.name = "cifar10"
-    config.data.train_split = "train"
-    config.data.eval_split = "test"
-    config.data.validation_split = ml_collections.config_dict.placeholder(str)
-    config.data.image_size = 32
-    config.data.normalization = "dataset"  # per-channel CIFAR-10 mean/std
-    config.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir
-    config.data.in_memory = False  # True: ArraySource (TPU hosts)
+    config.data = common.tfds_data("cifar10", "test", 32, "dataset")  # CIFAR-10 mean/std
 
     config.model = common.model("wide_resnet", "WRN-16-4", train="all", from_scratch=True)
     config.dp = common.dp_section(
@@ -40,16 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = common.runtime(checkpoint_every_steps=25, log_every_steps=5,
                                   eval_every_steps=100, eval_batch_size=500)
     if args.runlocal:
-        config.model = common.model("wide_resnet", (10, 1), train="all", from_scratch=True)
-        config.data.image_size = 32
+        common.runlocal(config, 32, common.model("wide_resnet", (10, 1), train="all",
+                                                 from_scratch=True), augmult=2)
         config.dp.noise_multiplier = None
-        config.dp.target_epsilon = 50.0
-        config.dp.delta = 1e-3
-        config.dp.expected_batch_size = 4
-        config.dp.micro_batch_size = 4
-        config.dp.augmult = 2
-        config.dp.steps = 2
         config.non_private.enabled = True
-        config.train = common.runtime(checkpoint_every_steps=1, log_every_steps=1,
-                                      eval_batch_size=8)
     return config

@@ -45,6 +45,36 @@ def runtime(steps_per_execution: int = 1, checkpoint_every_steps: int = 100,
     return train
 
 
+def tfds_data(name: str, eval_split: str, image_size: int,
+              normalization: str) -> ml_collections.ConfigDict:
+    """config.data for a TFDS image dataset (random access through TFDS ``data_source``)."""
+    data = ml_collections.ConfigDict()
+    data.name = name
+    data.train_split = "train"
+    data.eval_split = eval_split
+    data.validation_split = config_dict.placeholder(str)
+    data.image_size = image_size
+    data.normalization = normalization  # "dataset": per-channel mean/std of the dataset
+    data.data_dir = config_dict.placeholder(str)  # TFDS data_dir
+    data.in_memory = False  # True: ArraySource, materialised in memory (TPU hosts)
+    return data
+
+
+def runlocal(config: ml_collections.ConfigDict, image_size: int,
+             model: ml_collections.ConfigDict, augmult: int = 1) -> None:
+    """The tiny ``:runlocal=True`` variant used by the tests: the same pipeline on small images
+    and a tiny model, 2 DP steps of 4 examples at ε = 50, δ = 1e-3, checkpoint every step."""
+    config.data.image_size = image_size
+    config.model = model
+    config.dp.target_epsilon = 50.0
+    config.dp.delta = 1e-3
+    config.dp.expected_batch_size = 4
+    config.dp.micro_batch_size = 4
+    config.dp.augmult = augmult
+    config.dp.steps = 2
+    config.train = runtime(checkpoint_every_steps=1, log_every_steps=1, eval_batch_size=8)
+
+
 def dp_section(**values: Any) -> ml_collections.ConfigDict:
     """config.dp with every DPConfig field present (None placeholders where unset)."""
     dp = ml_collections.ConfigDict()

@@ -18,15 +18,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.parse_arg(arg, runlocal=False, epsilon=8.0)
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.data = ml_collections.ConfigDict()
-    config.data.name = "imagenet2012"
-    config.data.train_split = "train"
-    config.data.eval_split = "validation"
-    config.data.validation_split = ml_collections.config_dict.placeholder(str)
-    config.data.image_size = 320  # F3's training resolution (NFNet paper); UNPUBLISHED for DP
-    config.data.normalization = "imagenet"
-    config.data.data_dir = ml_collections.config_dict.placeholder(str)
-    config.data.in_memory = False  # random access through TFDS data_source (ArrayRecord)
+    # 320 px: F3's training resolution (NFNet paper); UNPUBLISHED for DP.
+    config.data = common.tfds_data("imagenet2012", "validation", 320, "imagenet")
 
     config.model = common.model("nfnet", "F3", train="all",  # UNPUBLISHED: layers tuned
                                 drop_rate=0.4, stochdepth_rate=0.1)  # NFNet paper's F3 values
@@ -43,18 +36,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = common.runtime(steps_per_execution=1, checkpoint_every_steps=20,
                                   log_every_steps=1, eval_every_steps=200, eval_batch_size=250)
     if args.runlocal:
-        _runlocal(config)
+        common.runlocal(config, 16, common.model("nfnet", "nano", train="head",
+                                                 from_scratch=True))
     return config
-
-
-def _runlocal(config: ml_collections.ConfigDict) -> None:
-    config.data.image_size = 16
-    config.model = common.model("nfnet", "nano", train="head", from_scratch=True)
-    config.dp.target_epsilon = 50.0
-    config.dp.delta = 1e-3
-    config.dp.expected_batch_size = 4
-    config.dp.micro_batch_size = 4
-    config.dp.augmult = 1
-    config.dp.steps = 2
-    config.train = common.runtime(checkpoint_every_steps=1, log_every_steps=1,
-                                  eval_batch_size=8)

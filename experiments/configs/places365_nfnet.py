@@ -16,15 +16,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.parse_arg(arg, runlocal=False, epsilon=8.0, variant="F3")
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.data = ml_collections.ConfigDict()
-    config.data.name = "places365_small"
-    config.data.train_split = "train"
-    config.data.eval_split = "validation"
-    config.data.validation_split = ml_collections.config_dict.placeholder(str)
-    config.data.image_size = 256  # native places365_small size; UNPUBLISHED
-    config.data.normalization = "imagenet"
-    config.data.data_dir = ml_collections.config_dict.placeholder(str)
-    config.data.in_memory = False
+    # 256 px: the native places365_small size; UNPUBLISHED.
+    config.data = common.tfds_data("places365_small", "validation", 256, "imagenet")
 
     config.model = common.model("nfnet", args.variant, train="all")
     config.dp = common.dp_section(
@@ -38,14 +31,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = common.runtime(checkpoint_every_steps=20, log_every_steps=1,
                                   eval_every_steps=200, eval_batch_size=250)
     if args.runlocal:
-        config.data.image_size = 16
-        config.model = common.model("nfnet", "nano", train="last_stages:1", from_scratch=True)
-        config.dp.target_epsilon = 50.0
-        config.dp.delta = 1e-3
-        config.dp.expected_batch_size = 4
-        config.dp.micro_batch_size = 4
-        config.dp.augmult = 1
-        config.dp.steps = 2
-        config.train = common.runtime(checkpoint_every_steps=1, log_every_steps=1,
-                                      eval_batch_size=8)
+        common.runlocal(config, 16, common.model("nfnet", "nano", train="last_stages:1",
+                                                 from_scratch=True))
     return config
