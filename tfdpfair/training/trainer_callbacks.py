@@ -52,22 +52,33 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class DPCheckpointCallback(keras.callbacks.Callback):
+class _EveryLogicalSteps(keras.callbacks.Callback):
+    """Base: acts when a multiple of ``every_steps`` logical steps has been passed since the
+    step it last acted at (``_last``, the run's starting step at first)."""
+
+    def __init__(self, every_steps: int | None):
+        super().__init__()
+        self.every_steps, self._last = every_steps, 0
+
+    def on_train_begin(self, logs=None) -> None:
+        self._last = self.model.logical_steps_done
+
+    def _due(self, step: int) -> bool:
+        return every(step, self._last, self.every_steps)
+
+
+class DPCheckpointCallback(_EveryLogicalSteps):
     """Atomic resume checkpoint every ``every_steps`` logical steps, at the end, and on
     preemption (then stops training)."""
 
     def __init__(self, directory: pathlib.Path, every_steps: int | None,
                  preemption: Preemption):
-        super().__init__()
-        self.directory, self.every_steps, self.preemption = directory, every_steps, preemption
-        self._last = 0
-
-    def on_train_begin(self, logs=None) -> None:
-        self._last = self.model.logical_steps_done
+        super().__init__(every_steps)
+        self.directory, self.preemption = directory, preemption
 
     def on_train_batch_end(self, batch, logs=None) -> None:
         step = self.model.logical_steps_done
-        if every(step, self._last, self.every_steps) or self.preemption.requested:
+        if self._due(step) or self.preemption.requested:
             save_dp_checkpoint(self.model, self.directory)
             self._last = step
         if self.preemption.requested:
@@ -78,23 +89,22 @@ class DPCheckpointCallback(keras.callbacks.Callback):
             save_dp_checkpoint(self.model, self.directory)
 
 
-class ProgressCallback(keras.callbacks.Callback):
+class ProgressCallback(_EveryLogicalSteps):
     """Logs ε, learning rate and (tagged) monitoring stats; prints a progress line with ETA."""
 
     def __init__(self, writer: MetricWriter, total_steps: int, every_steps: int,
                  learning_rate: Callable[[], float]):
-        super().__init__()
-        self.writer, self.total, self.every_steps = writer, total_steps, max(1, every_steps)
-        self.learning_rate = learning_rate
-        self._start_time, self._start_step, self._last = 0.0, 0, 0
+        super().__init__(max(1, every_steps))
+        self.writer, self.total, self.learning_rate = writer, total_steps, learning_rate
+        self._start_time, self._start_step = 0.0, 0
 
     def on_train_begin(self, logs=None) -> None:
-        self._start_time = time.time()
-        self._start_step = self._last = self.model.logical_steps_done
+        super().on_train_begin(logs)
+        self._start_time, self._start_step = time.time(), self._last
 
     def on_train_batch_end(self, batch, logs=None) -> None:
         step = self.model.logical_steps_done
-        if not (every(step, self._last, self.every_steps) or step >= self.total):
+        if not (self._due(step) or step >= self.total):
             return
         self._last = step
         scalars = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
@@ -118,7 +128,7 @@ class ProgressCallback(keras.callbacks.Callback):
         return ", ".join(parts)
 
 
-class PeriodicEvalCallback(keras.callbacks.Callback):
+class PeriodicEvalCallback(_EveryLogicalSteps):
     """Every ``every_steps`` logical steps, evaluates on held-out data and logs the result.
 
     ``evaluate(step) -> {tag: value}`` covers the last, EMA and Polyak weights.
@@ -126,16 +136,12 @@ class PeriodicEvalCallback(keras.callbacks.Callback):
 
     def __init__(self, writer: MetricWriter, every_steps: int | None,
                  evaluate: Callable[[], dict[str, float]]):
-        super().__init__()
-        self.writer, self.every_steps, self.evaluate = writer, every_steps, evaluate
-        self._last = 0
-
-    def on_train_begin(self, logs=None) -> None:
-        self._last = self.model.logical_steps_done
+        super().__init__(every_steps)
+        self.writer, self.evaluate = writer, evaluate
 
     def on_train_batch_end(self, batch, logs=None) -> None:
         step = self.model.logical_steps_done
-        if every(step, self._last, self.every_steps):
+        if self._due(step):
             self._last = step
             results = self.evaluate()
             self.writer.write_scalars(step, results)
