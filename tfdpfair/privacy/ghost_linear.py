@@ -27,8 +27,10 @@ standardisation Jacobian; the derivation is in docs/ghost_clipping.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from tfdpfair.models.layers import extract_patches
@@ -267,6 +269,25 @@ def grouped_patches(x, kernel_size, strides, padding, groups, batch, dilation=(1
     patches = tf.reshape(patches, [batch, -1, kk, groups, cin // groups])
     patches = tf.transpose(patches, [0, 1, 3, 2, 4])
     return tf.reshape(patches, [batch, -1, groups, kk * (cin // groups)])
+
+
+@functools.lru_cache(maxsize=None)
+def native_grouped_backprop_supported() -> bool:
+    """Whether this TensorFlow build runs a *grouped* Conv2DBackpropFilter on its default device.
+
+    :func:`conv_per_example_gradients` needs it. TF's oneDNN kernels (on by default only on CPUs
+    with AVX-512/AMX features), cuDNN and TPUs have it; the plain Eigen CPU kernel (e.g. an
+    AVX2-only AMD EPYC, or TF_ENABLE_ONEDNN_OPTS=0) rejects it ("filter_size does not have enough
+    elements"). Probed once, eagerly, on a 1×1 two-group problem; callers fall back to patches.
+    """
+    try:
+        with tf.init_scope():
+            out = tf.raw_ops.Conv2DBackpropFilter(
+                input=tf.ones([1, 2, 2, 2]), filter_sizes=[1, 1, 1, 2],
+                out_backprop=tf.ones([1, 2, 2, 2]), strides=[1, 1, 1, 1], padding="VALID")
+            return bool(np.allclose(out.numpy().ravel(), [4.0, 4.0]))
+    except (tf.errors.OpError, ValueError):
+        return False
 
 
 def conv_per_example_gradients(x: tf.Tensor, dz: tf.Tensor, kernel_shape, strides,

@@ -113,8 +113,8 @@ def _native_per_example(records: list[dict], batch, kernel_shape, strides, paddi
     the layer's calls, by gl.conv_per_example_gradients; None unless all shapes are static."""
     static = isinstance(batch, int) and all(
         r["x"].shape.is_fully_defined() and r["dz"].shape.is_fully_defined() for r in records)
-    if not static:
-        return None
+    if not static or not gl.native_grouped_backprop_supported():
+        return None  # im2col patches instead
 
     def per_example(i0, i1):
         total = None
