@@ -39,42 +39,126 @@ def test_canaries_have_norm_c_and_recorded_bits():
     np.testing.assert_array_equal(again.directions, c.directions)
 
 
-def test_contribution_is_sum_of_sampled_included_canaries():
+def test_canary_sampling_has_rate_q():
     model = dense_model()
     c = canaries_lib.GradientCanaries(model.trainable_variables, 50, 1.0, 0.3, seed=1)
-    rates = []
-    for step in range(40):
-        sampled = c.sampled(step).numpy()
-        rates.append(sampled.mean())
-        expected = c.directions[sampled & c.included].sum(axis=0)
-        got = tf.function(c.contribution)(tf.constant(step, tf.int64))
-        np.testing.assert_allclose(canaries_lib.flatten([g.numpy() for g in got]), expected,
-                                   atol=1e-5)
-        assert [tuple(g.shape) for g in got] == [(4, 3), (3,)]
+    rates = [c.sampled(step).numpy().mean() for step in range(40)]
     assert np.mean(rates) == pytest.approx(0.3, abs=0.03)
 
 
-def test_included_canaries_enter_the_update_once_before_the_noise():
-    """Zero-gradient loss, q = 1, σ ≈ 0: each step's update is −lr·Σ_{included} u_j / B."""
-    x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
-    y = np.zeros(8, np.int32)
-    config = DPConfig(l2_norm_clip=1.0, expected_batch_size=8, micro_batch_size=3,
+def zero_gradient_run(canaries_for, steps=3, n=8, clip=1.0, lr=0.5):
+    """σ ≈ 0 and a loss without gradient: the update is −lr·Σ_t Σ_j clip_C(u_j)/B exactly."""
+    x = np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)
+    y = np.zeros(n, np.int32)
+    config = DPConfig(l2_norm_clip=clip, expected_batch_size=8, micro_batch_size=3,
                       noise_multiplier=1e-6, delta=1e-3, noise_seed=0, sampling_seed=0)
     model = dense_model()
     dp = make_private(model, config)
-    dp.compile(optimizer=keras.optimizers.SGD(0.5), loss=lambda yt, yp: 0.0 * keras.ops.sum(yp))
-    plan = dp.prepare(8, steps=3)
-    c = canaries_lib.GradientCanaries(model.trainable_variables, 6, 1.0, plan.sampling_rate, 2)
+    dp.compile(optimizer=keras.optimizers.SGD(lr), loss=lambda yt, yp: 0.0 * keras.ops.sum(yp))
+    c = canaries_for(model, dp)
     recorder = canaries_lib.UpdateProjectionRecorder(c, model.trainable_variables)
     before = canaries_lib.flatten(model.get_weights())
     dp.set_audit_canaries(c)
-    dp.fit(x, y, callbacks=[recorder], verbose=0)
-    after = canaries_lib.flatten(model.get_weights())
-    expected = -3 * 0.5 * c.directions[c.included].sum(axis=0) / 8
-    np.testing.assert_allclose(after - before, expected, atol=1e-4)
+    dp.fit(x, y, steps=steps, callbacks=[recorder], verbose=0)
+    return dp, c, recorder, canaries_lib.flatten(model.get_weights()) - before
+
+
+def numpy_clipped_canary_sum(directions, present, clip):
+    norms = np.linalg.norm(directions.astype(np.float64), axis=1)
+    factors = np.minimum(1.0, clip / norms)
+    return (directions * (factors * present)[:, None]).sum(axis=0)
+
+
+def test_included_canaries_enter_the_update_once_before_the_noise():
+    """Each logical step adds Σ_j S_j·[j sampled at t]·u_j (norm C each) once, before the noise;
+    the plan counts the 6 canaries in N (q = B/(N + m))."""
+    def canaries_for(model, dp):
+        q = dp.plan_privacy(8 + 6, steps=3).sampling_rate
+        return canaries_lib.GradientCanaries(model.trainable_variables, 6, 1.0, q, 2)
+
+    dp, c, recorder, moved = zero_gradient_run(canaries_for)
+    assert dp.plan.num_examples == 8 + 6 and dp.audit_canaries == 6
+    expected = sum(-0.5 * numpy_clipped_canary_sum(
+        c.directions, c.sampled(t).numpy() & c.included, 1.0) / 8 for t in range(3))
+    np.testing.assert_allclose(moved, expected, atol=1e-4)
     assert recorder.projections.shape == (3, 6)
     np.testing.assert_allclose(scores_lib.total_score(recorder.projections),
                                recorder.total_score(), rtol=1e-4, atol=1e-6)
+
+
+class OversizedCanaries:
+    """A hostile canary object: gradients of norm 387 (C = 1), one NaN, every one included."""
+
+    def __init__(self, model, q):
+        rng = np.random.default_rng(4)
+        self.num_canaries, self.sampling_rate, self.sampling_seed = 5, q, 11
+        sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
+        g = rng.standard_normal((5, sum(sizes)))
+        g *= 387.0 / np.linalg.norm(g, axis=1, keepdims=True)
+        g[4, 0] = np.nan
+        self.directions = g.astype(np.float32)
+        self.included = np.ones(5, bool)
+        blocks = np.split(self.directions, np.cumsum(sizes)[:-1], axis=1)
+        self.gradient_blocks = [tf.constant(b.reshape((5,) + tuple(v.shape)))
+                                for b, v in zip(blocks, model.trainable_variables)]
+
+    def sampled(self, step):
+        return canaries_lib.GradientCanaries.sampled(self, step)
+
+    def project(self, flat_vector):
+        return np.nan_to_num(self.directions) @ flat_vector
+
+
+def test_every_canary_is_clipped_to_c_whatever_the_object_returns():
+    """set_audit_canaries is public: a canary of norm 387 moves the sum by C, a NaN one by 0."""
+    def canaries_for(model, dp):
+        return OversizedCanaries(model, dp.plan_privacy(8 + 5, steps=4).sampling_rate)
+
+    dp, c, _, moved = zero_gradient_run(canaries_for, steps=4)
+    present = [c.sampled(t).numpy() for t in range(4)]
+    finite = np.isfinite(c.directions).all(axis=1)
+    expected = sum(-0.5 * numpy_clipped_canary_sum(
+        np.nan_to_num(c.directions), p & finite, 1.0) / 8 for p in present)
+    assert sum(p.sum() for p in present) > 0
+    np.testing.assert_allclose(moved, expected, atol=1e-4)
+    per_step_bound = 0.5 * 1.0 * 5 / 8 * 4  # at most m canaries of norm C per step
+    assert np.linalg.norm(moved) <= per_step_bound + 1e-5
+
+
+def test_a_canary_run_is_marked_and_not_released_as_a_dp_model(tmp_path):
+    import json
+
+    from tfdpfair.training.release_binding import ReleaseBindingError
+
+    def canaries_for(model, dp):
+        q = dp.plan_privacy(8 + 6, steps=2).sampling_rate
+        return canaries_lib.GradientCanaries(model.trainable_variables, 6, 1.0, q, 2)
+
+    dp, *_ = zero_gradient_run(canaries_for, steps=2)
+    with pytest.raises(ReleaseBindingError, match="audit run, trained with 6 gradient canaries"):
+        dp.export_release(tmp_path / "release")
+    out = dp.export_release(tmp_path / "marked", allow_audit_run=True)
+    record = json.loads((out / "privacy.json").read_text())
+    assert record["audit_run"]["canaries"] == 6
+    assert "AUDIT RUN" in (out / "PRIVACY.md").read_text()
+    from tfdpfair.tfx import export as export_lib
+    with pytest.raises(ReleaseBindingError, match="audit run"):
+        export_lib.privacy_record_of(dp)
+    with pytest.raises(ReleaseBindingError, match="audit run"):
+        export_lib.privacy_record_from_release(out)
+
+
+def test_canaries_must_be_set_before_the_plan():
+    model = dense_model()
+    dp = make_private(model, DPConfig(l2_norm_clip=1.0, expected_batch_size=8,
+                                      noise_multiplier=1.0, delta=1e-3))
+    dp.compile(optimizer=keras.optimizers.SGD(0.5),
+               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    dp.prepare(40, steps=3)
+    c = canaries_lib.GradientCanaries(model.trainable_variables, 6, 1.0, 0.2, 2)
+    from tfdpfair.training.guards import DPUsageError
+    with pytest.raises(DPUsageError, match="before the privacy plan is fixed"):
+        dp.set_audit_canaries(c)
 
 
 def test_recorder_refuses_several_steps_per_call():
@@ -127,7 +211,7 @@ def test_one_run_audit_separates_control_dp_run_and_broken_mechanism():
     # (c) broken mechanism: noise std σ/10 while claiming the ε of σ (σ calibrated for ε = 2;
     # the auditor's score assumes the claimed σ).
     honest_sigma = accounting.plan_dp_sgd(
-        num_examples=1168, expected_batch_size=64, epochs=EPOCHS, target_epsilon=2.0,
+        num_examples=1168 + NUM_CANARIES, expected_batch_size=64, epochs=EPOCHS, target_epsilon=2.0,
         delta=DELTA).noise_multiplier
     broken = audited_run(noise_multiplier=honest_sigma / 10,
                          score_noise_multiplier=honest_sigma)

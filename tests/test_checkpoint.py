@@ -47,7 +47,9 @@ def uninterrupted():
     return dp
 
 
-def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
+def test_resume_from_checkpoint_keeps_steps_and_epsilon(tmp_path):
+    """A resumed run ends with the same T and ε as an uninterrupted one; its steps after the
+    restore draw fresh noise (restores never replay noise), so its weights differ."""
     reference = uninterrupted()
     first = new_dp_model()
     first.fit(*data(), steps=8, verbose=0, callbacks=[StopAt(7)])
@@ -60,8 +62,8 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     resumed.fit(*data(), verbose=0)
     assert resumed.logical_steps_done == reference.logical_steps_done == 8
     assert resumed.epsilon_spent() == pytest.approx(reference.epsilon_spent(), rel=1e-12)
-    for a, b in zip(resumed.inner.get_weights(), reference.inner.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert resumed.seeds["noise"] != first.seeds["noise"]
+    assert resumed.seeds["sampling"] == first.seeds["sampling"]
 
 
 def test_interrupted_fit_drops_the_partial_step():

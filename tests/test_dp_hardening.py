@@ -41,8 +41,9 @@ def private(model, lr=0.5, **config):
 
 def test_backup_and_restore_resumes_with_the_right_epsilon(tmp_path):
     """Keras's own fault tolerance: crash after 13 of 20 steps, rerun the same script (new
-    objects): the DP state is restored with the weights, so the run ends with 20 releases,
-    ε(20) and the weights of an uninterrupted run."""
+    objects): the DP state is restored with the weights, so the run ends with 20 releases and
+    ε(20). The steps after the restore draw fresh noise (restores never replay noise), so the
+    weights are not those of the uninterrupted run."""
     x, y = toy()  # N = 40, B = 8: 5 logical steps per Keras epoch, backups at epoch ends
     reference = private(dense())
     reference.fit(x, y, steps=20, verbose=0)
@@ -59,8 +60,11 @@ def test_backup_and_restore_resumes_with_the_right_epsilon(tmp_path):
     assert resumed.logical_steps_done == 20
     assert int(resumed.optimizer.iterations.numpy()) == 20  # weights carry 20 noisy updates
     assert resumed.epsilon_spent() == pytest.approx(rdp_epsilon(1.2, 0.2, 20, 1e-3), rel=1e-9)
-    for a, b in zip(resumed.inner.get_weights(), reference.inner.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert resumed.seeds["sampling"] == reference.seeds["sampling"]
+    assert resumed.seeds["noise"] != reference.seeds["noise"]
+    difference = np.concatenate([(a - b).ravel() for a, b in zip(
+        resumed.inner.get_weights(), reference.inner.get_weights())])
+    assert np.abs(difference).max() > 1e-3
 
 
 def test_weights_only_checkpoint_restores_the_dp_state(tmp_path):
@@ -141,7 +145,7 @@ def test_rolling_back_released_steps_in_one_process_is_refused():
     weights = dp.get_weights()  # includes the DP state at step 0
     dp.fit(x, y, steps=10, verbose=0, callbacks=[StopAtStep(4)])
     dp.set_weights(weights)  # back to step 0, after steps 1-4 were released
-    with pytest.raises(DPUsageError, match="reuses their noise|re-uses their noise"):
+    with pytest.raises(DPUsageError, match="release them twice"):
         dp.fit(x, y, verbose=0)
 
 

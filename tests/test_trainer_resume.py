@@ -1,5 +1,7 @@
 """Crash safety of the experiment binary: SIGKILL mid-run, rerun the same command, and the run
-ends exactly where an uninterrupted run with the same seeds ends (steps, ε, weights)."""
+ends with the steps and ε of an uninterrupted run with the same seeds. Its steps after the
+restore draw fresh noise (restores never replay noise, DESIGN.md invariant 7), so its weights
+are not bit for bit those of the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def kill_after_checkpoint(workdir: pathlib.Path, sig: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_then_rerun_ends_with_the_planned_steps_and_epsilon(tmp_path):
     reference = tmp_path / "reference"
     subprocess.run(command(reference), cwd=REPO, check=True, timeout=900,
                    stdout=subprocess.DEVNULL)
@@ -81,9 +83,8 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     assert got["noise_multiplier"] == want["noise_multiplier"]
     expected, actual = weights(reference), weights(interrupted)
     assert expected.keys() == actual.keys()
-    for name in expected:
-        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+    assert any(not np.allclose(actual[name], expected[name], rtol=1e-4, atol=1e-4)
+               for name in expected if "kernel" in name)  # fresh noise after the restore
 
 
 @pytest.mark.slow

@@ -5,10 +5,13 @@ space of the trainable variables (‖u_j‖ = C exactly, like a clipped example 
 Canary j is *included* with probability ½ (bit S_j, drawn from ``seed`` and recorded). An
 included canary behaves like one more training example: at every logical step t it joins the
 batch independently with the run's rate q, from its own stateless draw
-stateless_uniform([m], (canary sampling seed, t)) < q. :meth:`GradientCanaries.contribution`
-returns Σ_j S_j·[j sampled at t]·u_j, which DPModel (``set_audit_canaries``) adds once, before
-the noise, to the step's clipped sum (privacy/dp_sgd.py, replica_update(extra=...)). The
-accountant's ε for (q, σ, T, δ) therefore covers each canary exactly as it covers an example.
+stateless_uniform([m], (canary sampling seed, t)) < q. DPModel (``set_audit_canaries``) draws
+that sample itself, clips each canary to C like an example (whatever the object holds) and adds
+Σ_j S_j·[j sampled at t]·clip_C(u_j) once, before the noise, to the step's clipped sum
+(training/loop.py, privacy/dp_sgd.py replica_update(extra=...)). The m canaries count in the
+plan's N (N + m units, q = B/(N + m)), so the accountant's ε for (q, σ, T, δ) covers each canary
+exactly as it covers an example; the run's DP state records m, and its exports are marked as an
+audit run (training/release.py).
 
 After training, the auditor scores canary j from the released weights only (audit/scores.py),
 guesses in/out for the top/bottom k scores and turns the number of correct guesses into an ε
@@ -19,11 +22,10 @@ needs it; the ``total`` score needs only θ_0 and θ_T).
 Usage::
 
     dp = make_private(model, config); dp.compile(...)
-    plan = dp.prepare(len(x), epochs=...)
+    q = dp.plan_privacy(len(x) + 500, epochs=...).sampling_rate   # canaries count in N
     canaries = GradientCanaries(model.trainable_variables, num_canaries=500,
-                                l2_norm_clip=config.l2_norm_clip,
-                                sampling_rate=plan.sampling_rate, seed=1)
-    dp.set_audit_canaries(canaries)
+                                l2_norm_clip=config.l2_norm_clip, sampling_rate=q, seed=1)
+    dp.set_audit_canaries(canaries)                 # before the plan is fixed
     recorder = UpdateProjectionRecorder(canaries, model.trainable_variables)
     dp.fit(x, y, callbacks=[recorder])          # steps_per_execution must be 1
     scores = recorder.total_score()             # or scores.llr_score(recorder.projections, ...)
@@ -38,6 +40,8 @@ from typing import Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tfdpfair.privacy import sampling
 
 
 class GradientCanaries:
@@ -71,16 +75,16 @@ class GradientCanaries:
                         for b, s in zip(splits, self.shapes)]
         self._included = tf.constant(self.included)
 
-    def sampled(self, step: int | tf.Tensor) -> tf.Tensor:
-        """bool [m]: which canaries (included or not) the Poisson draw of step t selects."""
-        seed = tf.stack([tf.constant(self.sampling_seed, tf.int64), tf.cast(step, tf.int64)])
-        u = tf.random.stateless_uniform([self.num_canaries], seed=seed, dtype=tf.float64)
-        return u < self.sampling_rate
+    @property
+    def gradient_blocks(self) -> list[tf.Tensor]:
+        """The u_j as one [m, *shape] tensor per trainable variable (DPModel clips each row)."""
+        return self._blocks
 
-    def contribution(self, step: tf.Tensor) -> list[tf.Tensor]:
-        """Σ_j S_j·[j sampled at t]·u_j, one tensor per trainable variable (graph-mode safe)."""
-        weights = tf.cast(tf.logical_and(self.sampled(step), self._included), tf.float32)
-        return [tf.tensordot(weights, block, axes=1) for block in self._blocks]
+    def sampled(self, step: int | tf.Tensor) -> tf.Tensor:
+        """bool [m]: which canaries (included or not) the Poisson draw of step t selects (the
+        draw DPModel makes, privacy/sampling.poisson_mask)."""
+        return sampling.poisson_mask(self.sampling_seed, step, self.num_canaries,
+                                     self.sampling_rate)
 
     def project(self, flat_vector: np.ndarray) -> np.ndarray:
         """⟨u_j, v⟩ for every canary j, v flattened in trainable-variable order: [m]."""

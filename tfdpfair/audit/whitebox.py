@@ -84,15 +84,14 @@ def audit_gradient_canaries(dp_model, x, y, *, num_canaries: int, seed: int,
     if dp_model.logical_steps_done:
         raise ValueError("audit an untrained model: the canaries must be in every step.")
     model, cfg = dp_model.inner, dp_model.dp_config
-    plan = dp_model.prepare(len(x), epochs=epochs, steps=steps)
+    # The canaries are units of the run: the plan counts N + m (q = B / (N + m)).
+    rate = dp_model.plan_privacy(len(x) + num_canaries, epochs=epochs, steps=steps).sampling_rate
     canaries = GradientCanaries(model.trainable_variables, num_canaries, cfg.l2_norm_clip,
-                                plan.sampling_rate, seed)
+                                rate, seed)
     recorder = UpdateProjectionRecorder(canaries, model.trainable_variables)
     dp_model.set_audit_canaries(canaries)
-    try:
-        dp_model.fit(x, y, callbacks=[recorder], verbose=verbose)
-    finally:
-        dp_model.set_audit_canaries(None)
+    dp_model.fit(x, y, epochs=epochs, steps=steps, callbacks=[recorder], verbose=verbose)
+    plan = dp_model.plan
     if score == "llr":
         values = scores_lib.llr_score(
             recorder.projections,

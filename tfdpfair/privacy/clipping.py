@@ -158,6 +158,23 @@ def clipped_grad_sum(
     )
 
 
+def clipped_rows_sum(rows: Sequence[tf.Tensor], mask: tf.Tensor, l2_norm_clip: float
+                     ) -> list[tf.Tensor]:
+    """Σ_j m_j · clip_C(r_j) for given per-unit gradients ``rows`` ([m, *shape] per variable).
+
+    For contributions that arrive as gradients rather than losses (audit canaries): each row is
+    clipped to global L2 norm C like an example's gradient, so one row moves the sum by at most
+    C whatever values it holds; a non-finite row contributes zero. ``mask`` is bool or 0/1.
+    """
+    if not l2_norm_clip > 0:
+        raise ValueError(f"l2_norm_clip must be > 0, got {l2_norm_clip}.")
+    sampled = tf.cast(tf.cast(mask, tf.bool), tf.float32)  # 0/1 whatever the caller passed
+    raw_norms = global_norms(rows)
+    kept = tf.where(tf.math.is_finite(raw_norms), sampled, 0.0)
+    factors = clip_factors(tf.where(kept > 0, raw_norms, 0.0), l2_norm_clip, kept)
+    return [_masked_weighted_sum(factors, kept, r) for r in rows]
+
+
 def _masked_weighted_sum(factors: tf.Tensor, mask: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
     """Σ_i factors_i · g_i, with padded rows zeroed first so that even a non-finite gradient of
     a padding example (0 · NaN = NaN) cannot leak into the sum."""

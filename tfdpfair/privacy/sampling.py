@@ -62,16 +62,21 @@ def random_seed() -> int:
     return secrets.randbits(62)
 
 
-def poisson_sample(seed: int | tf.Tensor, step: int | tf.Tensor, num_examples: int,
-                   sampling_rate: float) -> tf.Tensor:
-    """Indices (int64, ascending) of the examples in logical step ``step``.
+def poisson_mask(seed: int | tf.Tensor, step: int | tf.Tensor, num_examples: int,
+                 sampling_rate: float) -> tf.Tensor:
+    """bool [N]: which of N units join logical step ``step``, each independently with rate q.
 
-    Each of the N examples joins independently with probability q: u_i < q for
-    u = stateless_uniform([N]) in float64, seeded by (seed, step).
+    u_i < q for u = stateless_uniform([N]) in float64, seeded by (seed, step).
     """
     draw_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
     u = tf.random.stateless_uniform([num_examples], seed=draw_seed, dtype=tf.float64)
-    return tf.where(u < sampling_rate)[:, 0]
+    return u < sampling_rate
+
+
+def poisson_sample(seed: int | tf.Tensor, step: int | tf.Tensor, num_examples: int,
+                   sampling_rate: float) -> tf.Tensor:
+    """Indices (int64, ascending) of the examples in logical step ``step`` (:func:`poisson_mask`)."""
+    return tf.where(poisson_mask(seed, step, num_examples, sampling_rate))[:, 0]
 
 
 def num_global_microbatches(sample_size: int | tf.Tensor, examples_per_microbatch: int):

@@ -15,6 +15,12 @@ directory, then renamed into place):
 Only the inference model is exported: it is round-tripped through a ``.keras`` file and reloaded
 uncompiled, so no optimizer, DP state, secret seed or other training-only object is reachable
 from the SavedModel, whatever the caller's model object carried.
+
+The statement stays bound to the weights DP-SGD produced (training/release_binding.py): a
+DPModel whose weights changed outside DP-SGD since its last release is refused, and so is an
+audit run with canaries; a plain keras model is exported only with a privacy record that carries
+the fingerprint of exactly its weights (``privacy_record_from_release`` of the release export it
+was loaded from).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from tfdpfair.privacy.statement import privacy_statement
 from tfdpfair.tfx import examples as examples_lib
 from tfdpfair.tfx.config import ExampleFormat
 from tfdpfair.tfx.model_card import ModelCardInfo, render_model_card
+from tfdpfair.training import release_binding
+from tfdpfair.training.release import check_releasable
 
 PRIVACY_STATEMENT = "privacy_statement.json"
 MODEL_CARD = "model_card.md"
@@ -49,11 +57,12 @@ def privacy_record_of(dp_model, weights: str = "last") -> dict[str, Any]:
     (q), expected_batch_size, accountant, unit_of_privacy ("example" or "patient"), num_examples
     (N units), l2_norm_clip (C), target_epsilon, weights, adjacency, statement (plain language).
     """
+    check_releasable(dp_model, "the serving export")
     plan = dp_model.plan
-    if plan is None:
-        raise ValueError("this DPModel has no privacy plan (not trained): nothing to export.")
     steps = dp_model.logical_steps_done
-    return {"epsilon": plan.epsilon(steps), "delta": plan.delta,
+    with dp_model.swapped_weights(weights):
+        fingerprint = release_binding.combined_digest(dp_model.inner.weights)
+    return {"weights_fingerprint": f"{fingerprint:016x}", "epsilon": plan.epsilon(steps), "delta": plan.delta,
             "noise_multiplier": plan.noise_multiplier, "steps": steps,
             "planned_steps": plan.steps, "sampling_rate": plan.sampling_rate,
             "expected_batch_size": plan.expected_batch_size, "accountant": plan.accountant,
@@ -68,7 +77,12 @@ def privacy_record_from_release(release_dir: str | os.PathLike) -> dict[str, Any
     release = json.loads((pathlib.Path(release_dir) / "privacy.json").read_text())
     plan, steps = release["plan"], release["logical_steps"]
     statement = pathlib.Path(release_dir) / "PRIVACY.md"
-    return {"epsilon": release["epsilon"], "delta": release["delta"],
+    if "audit_run" in release:
+        raise release_binding.ReleaseBindingError(
+            f"{release_dir} is a marked audit run ({release['audit_run']['canaries']} gradient "
+            "canaries): not a model to serve.")
+    return {"weights_fingerprint": release.get("weights_fingerprint"),
+            "epsilon": release["epsilon"], "delta": release["delta"],
             "noise_multiplier": plan["noise_multiplier"], "steps": steps,
             "planned_steps": plan["steps"],
             "sampling_rate": plan["expected_batch_size"] / plan["num_examples"],
@@ -94,6 +108,20 @@ def _inference_copy(model, weights: str, staging: pathlib.Path) -> keras.Model:
     copy = keras.saving.load_model(path, compile=False)
     path.unlink()
     return copy
+
+
+def _check_fingerprint(serving_model: keras.Model, record: Mapping[str, Any]) -> None:
+    """The record must describe exactly these weights (its ``weights_fingerprint``)."""
+    expected = record.get("weights_fingerprint")
+    got = f"{release_binding.combined_digest(serving_model.weights):016x}"
+    if expected != got:
+        raise release_binding.ReleaseBindingError(
+            "the serving export refused: the privacy record "
+            + ("carries no weights_fingerprint" if expected is None else
+               "was written for other weights")
+            + " so it cannot be shown to describe the weights being exported (weights trained "
+            "or edited outside DP-SGD carry no statement). Export the DPModel itself, or the "
+            "model.keras of a release export with privacy_record_from_release(that directory).")
 
 
 def _activation(output: str):
@@ -183,6 +211,8 @@ def export_serving(model, directory: str | os.PathLike,
                              "privacy_record= (e.g. privacy_record_from_release(release_dir)) "
                              "with a plain keras model, or pass the DPModel.")
         privacy_record = privacy_record_of(model, weights)
+    elif is_dp:
+        check_releasable(model, "the serving export")
     missing = [k for k in _RECORD_KEYS if k not in privacy_record]
     if missing:
         raise ValueError(f"privacy_record lacks {missing}.")
@@ -195,6 +225,7 @@ def export_serving(model, directory: str | os.PathLike,
         scratch = pathlib.Path(tempfile.mkdtemp(prefix="copy.", dir=staging))
         serving_model = _inference_copy(model, weights, scratch)
         shutil.rmtree(scratch)
+        _check_fingerprint(serving_model, privacy_record)
         signatures = _write_saved_model(serving_model, fmt, output, staging)
         record = {k: v for k, v in dict(privacy_record).items() if "seed" not in k}
         (staging / PRIVACY_STATEMENT).write_text(json.dumps(record, indent=2) + "\n")

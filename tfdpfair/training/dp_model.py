@@ -23,6 +23,7 @@ noise: monitor them, never publish them or let a callback act on them (refused).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import keras
@@ -34,10 +35,12 @@ from tfdpfair.privacy import accounting, ghost_clipping, sampling
 from tfdpfair.privacy.dp_sgd import DPConfig, DPGradientAccumulator
 from tfdpfair.models import validate
 from tfdpfair.training import (averaging, distributed, example_loss, guards, input_pipeline,
-                               release)
+                               release, release_binding)
 from tfdpfair.training.dp_state import DPState, state_for_model
 from tfdpfair.training.loop import DPStepLoop, LoopConfig
 from tfdpfair.training.fit_loop import PrivacyBudgetExhaustedError, run_fit
+
+_log = logging.getLogger("tfdpfair")
 
 REFUSED_FIT_KWARGS = {
     "batch_size": "the logical batch is Poisson-sampled with expected size "
@@ -134,20 +137,45 @@ class DPModel(keras.Model):
         plan = self.plan
         return 0.0 if plan is None else plan.epsilon(self.logical_steps_done)
 
-    def export_release(self, directory, weights: str = "last") -> Any:
+    def export_release(self, directory, weights: str = "last", *,
+                       allow_audit_run: bool = False) -> Any:
         """Writes the publishable artefact: the inner model and the privacy statement, no seeds.
 
         ``weights`` is "last", "ema" or "polyak". See training/release.py; a resume checkpoint
         (``save``, ``save_weights``) is not a release, because it holds the secret seeds.
+        Refused when the weights were changed outside DP-SGD since the last release
+        (training/release_binding.py), and for an audit run with canaries unless
+        ``allow_audit_run`` (the export is then marked as one).
         """
-        return release.export_release(self, directory, weights)
+        return release.export_release(self, directory, weights, allow_audit_run=allow_audit_run)
+
+    @property
+    def audit_canaries(self) -> int:
+        """m > 0 if this run's DP state was planned with m audit canaries (an audit run)."""
+        return int(self.dp_state.audit_canaries.numpy())
 
     def set_audit_canaries(self, canaries: Any) -> None:
-        """For privacy audits only (tfdpfair/audit): gradient canaries whose
-        ``contribution(step)`` (the sum of the step's sampled canaries, each of norm <= C, in
-        the order of the trainable variables) joins the clipped sum before the noise."""
+        """For privacy audits only (tfdpfair/audit): m gradient canaries that join the run.
+
+        ``canaries`` holds ``num_canaries`` (m), ``gradient_blocks`` (the canary gradients, one
+        [m, *shape] tensor per trainable variable), ``included`` (bool [m]) and
+        ``sampling_seed``. At every logical step the loop draws which canaries join (Poisson,
+        the plan's q), clips each to C like an example and adds them before the noise. The m
+        canaries count in the plan's N, so set them before the plan is fixed (before
+        ``prepare``/``fit``); the run is then an audit run for good (its exports say so).
+        """
+        if canaries is not None:
+            m = int(canaries.num_canaries)
+            if self.dp_state.has_plan and self.audit_canaries != m:
+                raise guards.DPUsageError(
+                    "set audit canaries before the privacy plan is fixed: the canaries are "
+                    f"units of the run (N + m), and this model's plan was fixed with "
+                    f"{self.audit_canaries} canaries. Audit a fresh copy of the recipe.")
         self._audit_canaries = canaries
         self._runtime = {}
+
+    def _num_canaries(self) -> int:
+        return 0 if self._audit_canaries is None else int(self._audit_canaries.num_canaries)
 
     # ---- averaged weights ------------------------------------------------------------
 
@@ -197,7 +225,9 @@ class DPModel(keras.Model):
             raise ValueError("give epochs or steps: they fix the number of logical steps T.")
         plan = self.plan_privacy(num_examples, epochs=epochs, steps=steps)
         self.dp_state.set_plan(plan, self.dp_config.l2_norm_clip)
+        self.dp_state.audit_canaries.assign(self._num_canaries())
         self.dp_state.set_seeds(self._initial_seeds())
+        release_binding.record(self)  # θ_0: the public starting point
         return plan
 
     def _initial_seeds(self) -> dict[str, int]:
@@ -220,6 +250,9 @@ class DPModel(keras.Model):
                             f"{cfg.expected_batch_size} here")
         if self.dp_state.l2_norm_clip != cfg.l2_norm_clip:
             problems.append(f"C = {self.dp_state.l2_norm_clip:g} there, {cfg.l2_norm_clip:g} here")
+        if self.audit_canaries != self._num_canaries():
+            problems.append(f"{self.audit_canaries} audit canaries there, "
+                            f"{self._num_canaries()} here")
         if cfg.noise_multiplier is not None and plan.noise_multiplier != cfg.noise_multiplier:
             problems.append(f"σ = {plan.noise_multiplier:g} there, {cfg.noise_multiplier:g} here")
         if plan.accountant != cfg.accountant:
@@ -278,7 +311,8 @@ class DPModel(keras.Model):
         guards.check_validation_is_held_out(data, validation_data)
         self._check_ready(data)
         with self.distribute_strategy.scope():
-            plan = self.prepare(data.num_units, epochs=epochs, steps=steps)
+            plan = self.prepare(data.num_units + self._num_canaries(), epochs=epochs,
+                                steps=steps)
             loop = self._loop(plan, data)
         return run_fit(self, loop, plan, data, callbacks, verbose, validation_data,
                        validation_freq)
@@ -338,24 +372,55 @@ class DPModel(keras.Model):
         loop = DPStepLoop(
             self.inner, self.dp_state, self.optimizer, accumulator, unit_loss,
             self._built_compile_metrics(data), LoopConfig(
-                plan.num_examples, plan.sampling_rate, cfg.micro_batch_size, cfg.l2_norm_clip,
+                data.num_units, plan.sampling_rate, cfg.micro_batch_size, cfg.l2_norm_clip,
                 cfg.augmult, bool(self.jit_compile), clipping), self.distribute_strategy,
             self.averages)
-        loop.canaries = self._audit_canaries
+        if self._audit_canaries is not None:
+            rate = getattr(self._audit_canaries, "sampling_rate", plan.sampling_rate)
+            if abs(rate - plan.sampling_rate) > 1e-12:
+                raise ValueError(f"the canaries were made for q = {rate:g}, the plan samples at "
+                                 f"q = {plan.sampling_rate:g} (N counts the canaries: use "
+                                 "plan_privacy(N + m, ...).sampling_rate).")
+            loop.canaries, loop.canary_sampling_rate = self._audit_canaries, plan.sampling_rate
         self._runtime = {"key": key, "loop": loop}
         return loop
 
     def _clipping_method(self, data) -> str:
-        """"vectorized" or "ghost" for DPConfig.clipping (see its docstring)."""
+        """"vectorized" or "ghost" for DPConfig.clipping (see its docstring); logs the choice
+        and, when "auto" falls back to vectorized, the variables that forced it."""
         requested = self.dp_config.clipping
         patient = data.patients is not None
         if requested == "ghost" and patient:
             raise ValueError("clipping='ghost' does not support privacy_unit='patient' yet; "
                              "use clipping='vectorized' (or 'auto').")
         if requested != "auto":
+            _log.info("DP clipping: %s (DPConfig.clipping=%r).", requested, requested)
             return requested
-        covered = not ghost_clipping.describe_plan(self.inner)["fallback"]
-        return "ghost" if covered and not patient else "vectorized"
+        fallback = ghost_clipping.describe_plan(self.inner)["fallback"]
+        if patient:
+            _log.info("DP clipping: vectorized per-patient gradients (privacy_unit='patient' "
+                      "has no ghost path yet).")
+            return "vectorized"
+        if fallback:
+            shown = ", ".join(fallback[:5]) + (f" and {len(fallback) - 5} more"
+                                               if len(fallback) > 5 else "")
+            _log.warning(
+                "DP clipping: vectorized per-example gradients for the whole model, because "
+                "%d trained variable(s) belong to layers without a ghost-clipping rule: %s. "
+                "Vectorized clipping is slower and holds one gradient per example (for stock "
+                "Conv2D layers TensorFlow may run it as a while_loop). Layers with rules: "
+                "Dense, Conv2D, WSConv2D, normalisation affines, NFNet/WRN blocks "
+                "(docs/ghost_clipping.md); freeze the others or replace them to use ghost "
+                "clipping.", len(fallback), shown)
+            return "vectorized"
+        _log.info("DP clipping: ghost norms for all trained variables.")
+        return "ghost"
+
+    @property
+    def clipping_method(self) -> str | None:
+        """"ghost" or "vectorized": the method the last built step loop uses (None before)."""
+        loop = self._runtime.get("loop")
+        return None if loop is None else loop.config.clipping
 
     def _built_compile_metrics(self, data):
         metrics = self._compile_metrics
@@ -370,9 +435,9 @@ class DPModel(keras.Model):
 
 _ROLLBACK_MESSAGE = (
     "this model's DP state was restored to step {now}, but this process already released "
-    "steps up to {high} from it. Re-running released steps re-uses their noise draws, so two "
-    "versions of a step could be differenced to remove the noise. Resume from the newest "
-    "checkpoint, or start a new run (new model object, new plan).")
+    "steps up to {high} from it. Re-running released steps would release them twice while "
+    "the accountant counts them once. Resume from the newest checkpoint, or start a new run "
+    "(new model object, new plan).")
 
 
 def make_private(model: keras.Model, dp_config: DPConfig) -> DPModel:

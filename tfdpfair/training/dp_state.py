@@ -11,6 +11,20 @@ BackupAndRestore, ModelCheckpoint) and that a ``tf.train.Checkpoint`` tracks:
 * ``seeds``: the secret sampling, noise and augmentation seeds (62-bit, from OS entropy unless a
   test fixes them). Whoever knows them can remove the noise: a file holding this state is a
   *resume checkpoint*, as sensitive as the data, never a release (see DPModel.export_release).
+* ``weight_digests`` / ``averages_digest``: the fingerprint of the weights (and of the EMA/Polyak
+  averages) as the last DP-SGD release left them (training/release_binding.py). Every release
+  and every export checks it, so weights changed outside DP-SGD cannot carry the statement.
+* ``audit_canaries``: m > 0 marks an audit run trained with m gradient canaries (their
+  exports say so; tfdpfair/audit).
+
+Restores never replay noise (DESIGN.md "State", invariant 7). The sample of step t stays a pure
+function of (sampling seed, t), so a resumed run samples what an uninterrupted one would; the
+noise seed does not: whenever this object's state did not come from this process's own
+releases (``load_weights``/``load_model``/BackupAndRestore, ``set_weights``, or any assignment),
+:meth:`DPState.restored_from_elsewhere` is true and the fit loop replaces the noise seed with
+fresh OS entropy (broadcast from the chief) before the next step. Two continuations of one
+stored state, in one process or in two, on the same or on neighbouring data, therefore never
+share a noise draw, so the difference of their releases keeps the full σC noise.
 
 The accumulated clipped sums are not here: the training loop releases whole logical steps per
 call, so they are always zero when a callback or checkpoint can run.
@@ -35,6 +49,7 @@ PLAN_FIELDS = ("num_examples", "expected_batch_size", "noise_multiplier", "steps
                "accountant", "target_epsilon", "l2_norm_clip", "unit")
 _UNIT_CODES = {"example": 0.0, "patient": 1.0}
 SEED_FIELDS = ("sampling", "noise", "augment")
+NOISE_SEED_INDEX = SEED_FIELDS.index("noise")
 
 
 @keras.saving.register_keras_serializable(package="tfdpfair")
@@ -45,8 +60,9 @@ class DPState(keras.layers.Layer):
     mirrored variable whose value every replica agrees on.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, num_weights: int = 0, **kwargs):
         super().__init__(trainable=False, **kwargs)
+        self.num_weights = int(num_weights)
         self.logical_steps = self.add_weight(shape=(), dtype="int64", initializer="zeros",
                                              trainable=False, name="logical_steps",
                                              aggregation="only_first_replica")
@@ -56,10 +72,23 @@ class DPState(keras.layers.Layer):
         self.seed_values = self.add_weight(shape=(len(SEED_FIELDS),), dtype="int64",
                                            initializer="zeros", trainable=False, name="seeds",
                                            aggregation="only_first_replica")
+        self.weight_digests = self.add_weight(shape=(max(1, self.num_weights),), dtype="int64",
+                                              initializer="zeros", trainable=False,
+                                              name="weight_digests",
+                                              aggregation="only_first_replica")
+        self.averages_digest = self.add_weight(shape=(), dtype="int64", initializer="zeros",
+                                               trainable=False, name="averages_digest",
+                                               aggregation="only_first_replica")
+        self.audit_canaries = self.add_weight(shape=(), dtype="int64", initializer="zeros",
+                                              trainable=False, name="audit_canaries",
+                                              aggregation="only_first_replica")
         self.built = True
         # Highest step count this Python object has ever held: a restore to an earlier step in
-        # the same process would re-run released steps with the same noise (not saved).
+        # the same process would re-release steps already published (not saved).
         self.released_high_water = 0
+        # (steps, seeds) as this process's own plan fixing or releases left them; None until
+        # then and after a load from storage (see restored_from_elsewhere).
+        self._own_snapshot: tuple | None = None
 
     def call(self, inputs):  # a container of state, never called on data
         raise TypeError("DPState holds DP bookkeeping and is not a layer to call on data.")
@@ -103,6 +132,7 @@ class DPState(keras.layers.Layer):
 
     def set_seeds(self, seeds: dict[str, int]) -> None:
         self.seed_values.assign(np.asarray([seeds[k] for k in SEED_FIELDS], np.int64))
+        self.mark_own()
 
     @property
     def steps_done(self) -> int:
@@ -111,9 +141,45 @@ class DPState(keras.layers.Layer):
     def note_released(self) -> None:
         """Records the current step count as released by this process (monotonic)."""
         self.released_high_water = max(self.released_high_water, self.steps_done)
+        self.mark_own()
+
+    # ---- restores -------------------------------------------------------------------------
+
+    def _snapshot(self) -> tuple:
+        return (self.steps_done, tuple(int(v) for v in self.seed_values.numpy()))
+
+    def mark_own(self) -> None:
+        """Records the current (steps, seeds) as written by this process (plan, release)."""
+        self._own_snapshot = self._snapshot()
+
+    def restored_from_elsewhere(self) -> bool:
+        """True if the state is not what this process's own plan fixing or releases left.
+
+        That is the case after any load from storage (this object's variables were loaded, or
+        the object itself was made by ``load_model``) and after any assignment from outside
+        the loop (``set_weights`` of an older state). The next step must then draw its noise
+        from a fresh seed (:meth:`refresh_noise_seed`).
+        """
+        return self._own_snapshot is None or self._own_snapshot != self._snapshot()
+
+    def refresh_noise_seed(self, fresh_seed: int) -> None:
+        """Replaces the secret noise seed by ``fresh_seed`` (OS entropy, same on every host).
+
+        The sampling and augmentation seeds are kept: a resumed run samples the batches an
+        uninterrupted run would (accounting unchanged); only the noise draws differ.
+        """
+        values = self.seed_values.numpy().copy()
+        values[NOISE_SEED_INDEX] = int(fresh_seed)
+        self.seed_values.assign(values)
+        self.mark_own()
+
+    def load_own_variables(self, store) -> None:
+        """Keras's load path (``load_weights``, ``load_model``, BackupAndRestore)."""
+        super().load_own_variables(store)
+        self._own_snapshot = None
 
     def get_config(self) -> dict:
-        return super().get_config()
+        return {**super().get_config(), "num_weights": self.num_weights}
 
 
 _STATE_OF_MODEL: "weakref.WeakKeyDictionary[keras.Model, DPState]" = weakref.WeakKeyDictionary()
@@ -127,6 +193,6 @@ def state_for_model(model: keras.Model) -> DPState:
     """
     state = _STATE_OF_MODEL.get(model)
     if state is None:
-        state = DPState(name="dp_state")
+        state = DPState(num_weights=len(model.weights), name="dp_state")
         _STATE_OF_MODEL[model] = state
     return state

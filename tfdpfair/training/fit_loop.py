@@ -3,8 +3,14 @@
 Order of one fit (DESIGN.md "State"):
 set-up (plan fixed, loop built) -> ``on_train_begin`` (BackupAndRestore may restore the DP state
 with the weights) -> reconcile the restored state (same plan, no rollback of released steps) ->
-hosts agree -> epochs of calls {on_train_batch_*; ε in the logs} -> validation ->
-``on_epoch_end`` (checkpoints: the accumulators are always empty here) -> ``on_train_end``.
+hosts agree -> a fresh noise seed if the state was restored from storage (restores never replay
+noise) -> the weights must be those the last release left (training/release_binding.py) ->
+epochs of calls {weights checked; call; fingerprint recorded; on_train_batch_*; ε in the logs}
+-> validation -> ``on_epoch_end`` (checkpoints: the accumulators are always empty here) ->
+``on_train_end``.
+
+Callbacks see ``nonprivate_*`` statistics only if they display or record them
+(training/callback_logs.py); every other callback gets the public logs.
 
 A Keras epoch is ceil(N/B) logical steps; epoch e covers steps [e·E, (e+1)·E), so a resumed run
 continues in the epoch its step counter falls in.
@@ -19,8 +25,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfdpfair.privacy import sampling
 from tfdpfair.privacy.accounting import PrivacyPlan
-from tfdpfair.training import distributed, guards, input_pipeline
+from tfdpfair.training import (callback_logs, distributed, guards, input_pipeline,
+                               release_binding)
 from tfdpfair.training.loop import ERROR_PREFIX, DPStepLoop
 
 
@@ -53,17 +61,26 @@ def run_fit(dp_model, loop: DPStepLoop, plan: PrivacyPlan, data: input_pipeline.
     steps_per_epoch = max(1, math.ceil(plan.num_examples / plan.expected_batch_size))
     per_call = max(1, int(getattr(dp_model, "steps_per_execution", 1) or 1))
     num_epochs = math.ceil(plan.steps / steps_per_epoch)
+    callbacks = callback_logs.public_logs_only(callbacks)
+    if verbose not in (0, "0") and not any(
+            isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks):
+        callbacks.append(LogicalStepProgbar())
     callback_list = keras.callbacks.CallbackList(
-        callbacks, add_history=True, add_progbar=verbose not in (0, "0"), model=dp_model,
+        callbacks, add_history=True, add_progbar=False, model=dp_model,
         verbose=1 if verbose == "auto" else verbose, epochs=num_epochs,
-        steps=math.ceil(steps_per_epoch / per_call))
+        steps=math.ceil(steps_per_epoch / per_call), logical_steps_per_epoch=steps_per_epoch,
+        planned_steps=plan.steps)
     dp_model.stop_training = False
     callback_list.on_train_begin()
     start = _reconcile_restored_state(dp_model, plan)
+    restored = state.restored_from_elsewhere()
     distributed.check_hosts_agree(strategy, {
         "num_examples": plan.num_examples, "planned_steps": plan.steps, "start_step": start,
         "micro_batch_size": dp_model.dp_config.micro_batch_size,
-        "seed_checksum": sum(state.seeds().values()) % (2**61)})
+        "seed_checksum": sum(state.seeds().values()) % (2**61), "restored": int(restored)})
+    if restored:
+        _refresh_noise_seed(dp_model)
+    release_binding.verify(dp_model, "fit() after a change of the weights")
     if start >= plan.steps:
         raise PrivacyBudgetExhaustedError(
             f"all {plan.steps} planned logical steps were already taken (ε = "
@@ -71,6 +88,7 @@ def run_fit(dp_model, loop: DPStepLoop, plan: PrivacyPlan, data: input_pipeline.
             "budget belongs to the model: a new wrapper cannot reset it.")
     if dp_model.averages is not None and not int(dp_model.averages.initialized.numpy()):
         dp_model.averages.start_from(loop.variables)  # θ_0, before this run's first step
+        release_binding.record(dp_model)
     seeds = state.seeds()
     iterator = iter(strategy.distribute_datasets_from_function(input_pipeline.dataset_fn(
         data, sampling_seed=seeds["sampling"], sampling_rate=plan.sampling_rate,
@@ -95,6 +113,31 @@ def run_fit(dp_model, loop: DPStepLoop, plan: PrivacyPlan, data: input_pipeline.
     return dp_model.history
 
 
+class LogicalStepProgbar(keras.callbacks.ProgbarLogger):
+    """Keras's progress bar in logical steps: it shows the steps that ran in this epoch, out of
+    the steps the epoch can still run (a resumed or last epoch is shorter), and ends at the
+    steps that ran when training stops early (e.g. 6/11; Keras's own bar jumps to its
+    target)."""
+
+    def set_params(self, params):
+        super().set_params(params)
+        self._per_epoch, self._planned = params["logical_steps_per_epoch"], params["planned_steps"]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._first = self.model.logical_steps_done
+        per_epoch, planned = self._per_epoch, self._planned
+        self.target = max(1, min(planned, (epoch + 1) * per_epoch) - self._first)
+        super().on_epoch_begin(epoch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        ran = int((logs or {}).get("logical_steps", self._first + batch + 1)) - self._first
+        super().on_train_batch_end(ran - 1, logs)
+
+    def _finalize_progbar(self, logs):
+        self._maybe_init_progbar()
+        self.progbar.update(self.seen, list((logs or {}).items()), finalize=True)
+
+
 def _run_epoch(dp_model, loop, callback_list, iterator, epoch, step, epoch_end, per_call,
                eps_log) -> dict:
     state = dp_model.dp_state
@@ -104,7 +147,8 @@ def _run_epoch(dp_model, loop, callback_list, iterator, epoch, step, epoch_end, 
     while step < epoch_end and not dp_model.stop_training:
         count = min(per_call, epoch_end - step)
         callback_list.on_train_batch_begin(batch)
-        values = _call(loop, iterator, step, count)
+        release_binding.verify(dp_model, "the next DP step")
+        values = _call(dp_model, loop, iterator, step, count)
         state.note_released()
         step = state.steps_done
         logs = {k: float(np.asarray(v)) for k, v in values.items()}
@@ -114,20 +158,25 @@ def _run_epoch(dp_model, loop, callback_list, iterator, epoch, step, epoch_end, 
     return dict(logs)
 
 
-def _call(loop: DPStepLoop, iterator, step: int, count: int) -> dict:
+def _call(dp_model, loop: DPStepLoop, iterator, step: int, count: int) -> dict:
     """One compiled call; TensorFlow's own error text is withheld (it may echo private values).
 
     A step that fails after touching data is counted (invariant 3): the failure itself can
-    depend on which examples were sampled, so it is treated as a released step.
+    depend on which examples were sampled, so it is treated as a released step. The weights'
+    fingerprint is recorded after the call either way (they are what the releases left).
     """
     try:
-        return loop.train_call(iterator, tf.constant(step, tf.int64), tf.constant(count, tf.int64))
+        values = loop.train_call(iterator, tf.constant(step, tf.int64),
+                                 tf.constant(count, tf.int64))
+        release_binding.record(dp_model)
+        return values
     except tf.errors.OpError as error:
         message = error.message or ""
         if ERROR_PREFIX in message:
             ours = message[message.index(ERROR_PREFIX):].splitlines()[0]
             raise guards.DPUsageError(ours) from None
         _count_failed_step(loop)
+        release_binding.record(dp_model)
         raise RuntimeError(
             f"a DP training step failed inside TensorFlow ({type(error).__name__} in op "
             f"{getattr(error.op, 'type', '?') if error.op is not None else '?'}). Its message is "
@@ -143,6 +192,13 @@ def _count_failed_step(loop: DPStepLoop) -> None:
     failed = state.steps_done  # steps before it were released and counted by the release
     state.logical_steps.assign(min(planned, failed + 1))
     state.note_released()
+
+
+def _refresh_noise_seed(dp_model) -> None:
+    """A fresh secret noise seed (OS entropy, the chief's on every host) after a restore."""
+    fresh = distributed.broadcast_from_chief(dp_model.distribute_strategy,
+                                             {"noise": sampling.random_seed()})["noise"]
+    dp_model.dp_state.refresh_noise_seed(fresh)
 
 
 def _validate(dp_model, validation_data) -> dict:
@@ -168,6 +224,7 @@ def _reconcile_restored_state(dp_model, plan: PrivacyPlan) -> int:
     if state.steps_done < state.released_high_water:
         raise guards.DPUsageError(
             f"the DP state was restored to step {state.steps_done} after this process released "
-            f"step {state.released_high_water}; re-running released steps reuses their noise. "
-            "Resume from the newest checkpoint or start a new run.")
+            f"step {state.released_high_water}; re-running released steps would release them "
+            "twice while the accountant counts them once. Resume from the newest checkpoint or "
+            "start a new run.")
     return state.steps_done

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from tfdpfair.data import augment
 from tfdpfair.privacy import sampling
-from tfdpfair.privacy.clipping import clipped_grad_sum
+from tfdpfair.privacy.clipping import clipped_grad_sum, clipped_rows_sum
 from tfdpfair.privacy.dp_sgd import DPGradientAccumulator
 from tfdpfair.privacy.ghost_clipping import ghost_clipped_grad_sum
 from tfdpfair.training.dp_state import DPState
@@ -76,6 +76,7 @@ class DPStepLoop:
         self.compile_metrics, self.config, self.strategy = compile_metrics, config, strategy
         self.averages = averages  # training/averaging.py, or None
         self.canaries = None  # tfdpfair/audit gradient canaries (audit runs only), or None
+        self.canary_sampling_rate = 0.0  # the plan's q (set with the canaries)
         self.monitors = TrainingMonitors()
         self.variables = list(model.trainable_variables)
         self.train_call = tf.function(self._train_call)
@@ -135,9 +136,22 @@ class DPStepLoop:
             counted = self.state.logical_steps.assign_add(1)
         with tf.control_dependencies([counted]):
             seed = self.state.seed_values[1]
-            extra = None if self.canaries is None else self.canaries.contribution(step)
+            extra = None if self.canaries is None else self._canary_sum(step)
             update = self.accumulator.replica_update(seed, step, extra)
         self.optimizer.apply(update, self.variables)
+
+    def _canary_sum(self, step):
+        """Σ_j clip_C(u_j) over the included canaries that step t's Poisson draw (rate q) picks.
+
+        The loop draws and clips itself, whatever the canary object holds: each canary is one
+        more unit of the plan's N, with the same sensitivity C and sampling rate q as an example.
+        """
+        c = self.canaries
+        present = tf.logical_and(
+            sampling.poisson_mask(c.sampling_seed, step, c.num_canaries,
+                                  self.canary_sampling_rate),
+            tf.cast(c.included, tf.bool))
+        return clipped_rows_sum(c.gradient_blocks, present, self.config.l2_norm_clip)
 
     # ---- the call ------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import keras
 
+from tfdpfair.training.callback_logs import allow_nonprivate_logs
 from tfdpfair.training.checkpoint import save_dp_checkpoint
 from tfdpfair.training.metric_writer import MetricWriter
 
@@ -96,6 +97,7 @@ class ProgressCallback(_EveryLogicalSteps):
                  learning_rate: Callable[[], float]):
         super().__init__(max(1, every_steps))
         self.writer, self.total, self.learning_rate = writer, total_steps, learning_rate
+        allow_nonprivate_logs(self)  # it only displays and records them (nonprivate/ tags)
         self._start_time, self._start_step = 0.0, 0
 
     def on_train_begin(self, logs=None) -> None:
