@@ -175,7 +175,8 @@ def subgroups_figure(result: Mapping[str, Any]) -> Figure:
             xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(vals))]
             ax.bar(xs, vals, width, yerr=err, capsize=3, label=variant_label(result, name),
                    color=colors[name], hatch=_HATCHES[within[name] % len(_HATCHES)],
-                   edgecolor="white", linewidth=0.5)
+                   edgecolor="white", linewidth=0.5,
+                   error_kw={"ecolor": "0.45"})  # visible on the black non-private bars
             for x, v in zip(xs, vals):
                 if not math.isfinite(v):
                     ax.annotate("n/a", (x, 0), xycoords=("data", "axes fraction"),
