@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from tfdpfair.fairness import plots
 from tfdpfair.fairness.plots import (DISPARITY_ACCURACY_PNG, GAP, PRIVACY_UTILITY_PNG,
