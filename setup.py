@@ -30,7 +30,8 @@ INSTALL_REQUIRES = [
 ]
 
 # The published NFNet checkpoints (F{n}_haiku.npz) are dill pickles: reading them with
-# allow_pickle=True needs dill (tfdpfair.models.pretrained). dill >= 0.3.6 supports Python 3.11.
+# allow_pickle=True needs dill (tfdpfair.models.pretrained); pip picks a dill release that
+# supports the running Python.
 CHECKPOINTS_REQUIRES = [
     "dill>=0.3.6,<0.5",
 ]
@@ -49,7 +50,19 @@ setup(
         "Differentially private (DP-SGD) fine-tuning of pre-trained image classifiers in "
         "TensorFlow/Keras 3, with exact privacy accounting and subgroup fairness evaluation."
     ),
-    python_requires=">=3.11,<3.12",
+    # The Pythons TensorFlow 2.21 supports (its classifiers and wheels: 3.10 to 3.13). CI here
+    # runs 3.11 only (README).
+    python_requires=">=3.10,<3.14",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     packages=find_packages(include=["tfdpfair", "tfdpfair.*", "experiments", "experiments.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -14,7 +14,9 @@ settings (σ or target ε, δ, C, B, epochs) and SGD at the config's learning ra
 neither, a DP and a non-private MLP that it trains itself.
 
 Writes into --workdir (default: --run_dir if given): audit.json, audit.md (a "Privacy audit"
-section for the run's report) and a plot.
+section for the run's report) and a plot. Membership statistics are un-noised statistics of the
+private training data: audit.json's "release" field, the section's heading and the plot's title
+say "Not for release" (for the data custodian and people already allowed to see the data).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ml_collections import config_flags
 import tfdpfair.models  # noqa: F401  registers NFNet/WRN layers for keras.models.load_model
 from tfdpfair.audit import epsilon_lower_bound, losses, membership, report
 from tfdpfair.data.demo import DemoData, load_demo_data
-from tfdpfair.fairness import run_io
+from tfdpfair.fairness.plots import eps_text
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(pathlib.Path(__file__).resolve().parent / "configs" / "demo.py"),
@@ -176,7 +178,7 @@ def models_to_audit(config, data: DemoData) -> dict[str, keras.Model]:
     epochs = max(1, round(private.logical_steps_done * batch / len(data.private)))
     baseline.fit(data.private.images, data.private.labels, verbose=2, batch_size=batch,
                  epochs=epochs)  # about as many steps as the DP run
-    return {f"dp (ε = {private.epsilon_spent():.2f})": model, "non-private": baseline}
+    return {f"dp (ε = {eps_text(private.epsilon_spent())})": model, "non-private": baseline}
 
 
 def main(argv) -> None:
@@ -202,22 +204,14 @@ def main(argv) -> None:
         for name, res in results.items():
             log(f"{name}: AUC {res['overall']['auc']['value']:.3f}, advantage "
                 f"{res['overall']['advantage']['value']:.3f}")
-    run_io.write_json(workdir / "audit.json", audit)
-    section = report.markdown(audit, plots)
-    (workdir / "audit.md").write_text(section)
-    log(f"wrote {workdir / 'audit.json'} and {workdir / 'audit.md'}")
-    if _RUN_DIR.value and workdir == pathlib.Path(_RUN_DIR.value):
-        add_to_run_report(workdir / "report.md", section)
-
-
-def add_to_run_report(report_path: pathlib.Path, section: str) -> None:
-    """Puts the audit section into the run's report.md (replacing an earlier one)."""
-    if not report_path.exists():
-        return
-    text = report_path.read_text()
-    head = text.split("\n## Privacy audit\n", 1)[0].rstrip("\n")
-    report_path.write_text(head + "\n\n" + section.rstrip("\n") + "\n")
-    log(f"added the privacy audit section to {report_path}")
+    json_path, md_path, section = report.write_audit(workdir, audit, plots)
+    log(f"wrote {json_path} and {md_path}")
+    if "membership" in audit:
+        log(f"{report.NOT_FOR_RELEASE}: {md_path.name}, {json_path.name} and the plot are for "
+            f"{report.WHO_MAY_SEE}.")
+    if (_RUN_DIR.value and workdir == pathlib.Path(_RUN_DIR.value)
+            and report.add_to_run_report(workdir / "report.md", section)):
+        log(f"added the privacy audit section to {workdir / 'report.md'}")
 
 
 if __name__ == "__main__":

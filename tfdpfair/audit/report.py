@@ -1,4 +1,12 @@
-"""The audit's report section (markdown) and plots (matplotlib, Agg canvas; no TensorFlow)."""
+"""The audit's report section (markdown), audit.json and plots (matplotlib, Agg; no TensorFlow).
+
+Membership inference on the private training set computes its statistics (AUC, advantage, TPR
+at low FPR, member counts per subgroup) from the private examples' losses WITHOUT noise: the
+run's (ε, δ) guarantee does not cover them. Its markdown section, its plot and audit.json are
+marked "not for release" (``release_marking``): only the data custodian and people already
+allowed to see the private training data may see them. A canary audit's numbers come from the
+audited DP run's outputs and the auditor's own canaries, and are marked as such.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,29 @@ from typing import Any, Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from tfdpfair.fairness import run_io
+
+
+NOT_FOR_RELEASE = "Not for release: un-noised statistics of the private training data"
+WHO_MAY_SEE = ("the data custodian and people already allowed to see the private training data; "
+               "remove this section, audit.json and the membership plot before publishing the "
+               "run's report or model")
+_MEMBERSHIP_WHY = ("computed from the losses of the private training examples (members) and "
+                   "their per-subgroup counts, without noise: the run's (ε, δ) guarantee does not "
+                   "cover these statistics")
+_CANARY_WHY = ("computed from the audited DP run's released updates or model and the auditor's "
+               "own canaries (post-processing of the DP run); the audit run itself contains "
+               "canaries and is not a release")
+
+
+def release_marking(audit: Mapping[str, Any]) -> dict[str, Any]:
+    """audit.json's "release" field: whether the file holds un-noised private statistics."""
+    if "membership" in audit:
+        return {"not_for_release": True, "contains_unnoised_private_statistics": True,
+                "label": NOT_FOR_RELEASE, "who_may_see": WHO_MAY_SEE, "why": _MEMBERSHIP_WHY}
+    return {"not_for_release": False, "contains_unnoised_private_statistics": False,
+            "why": _CANARY_WHY}
 
 
 def _fmt(stat: Mapping[str, Any]) -> str:
@@ -40,10 +71,14 @@ def plot_canary_scores(scores: np.ndarray, included: np.ndarray, k: int,
 
 def plot_membership(results: Mapping[str, Mapping[str, Any]], attribute: str,
                     path: str | pathlib.Path, metric: str = "auc") -> pathlib.Path:
-    """Bar chart of one attack metric per subgroup (with CIs) for every model variant."""
+    """Bar chart of one attack metric per subgroup (with CIs) for every model variant, titled
+    NOT_FOR_RELEASE (the values are un-noised statistics of the private training data)."""
+    from tfdpfair.fairness.plots import variant_colors
     path = pathlib.Path(path)
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4.4))
+    fig.suptitle(NOT_FOR_RELEASE, fontsize=9, color="darkred")
     ax = fig.subplots()
+    colors = variant_colors(results)
     variants = list(results)
     for i, name in enumerate(variants):
         res = results[name]
@@ -56,7 +91,8 @@ def plot_membership(results: Mapping[str, Mapping[str, Any]], attribute: str,
         if all("ci_low" in s for s in stats):
             err = np.abs(np.array([[s["ci_low"] for s in stats], [s["ci_high"] for s in stats]])
                          - values)
-        ax.bar(x, values, width=0.8 / len(variants), yerr=err, capsize=3, label=name)
+        ax.bar(x, values, width=0.8 / len(variants), yerr=err, capsize=3, label=name,
+               color=colors[name], error_kw={"ecolor": "0.45"})  # visible on black too
         ax.set_xticks(np.arange(len(labels)), labels)
     if metric == "auc":
         ax.axhline(0.5, color="k", linewidth=1, linestyle=":")
@@ -88,7 +124,10 @@ def canary_section(audit: Mapping[str, Any]) -> list[str]:
 
 
 def membership_section(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    lines = ["Loss-threshold membership inference (score −loss), training set (members) vs "
+    lines = [f"### Membership inference — {NOT_FOR_RELEASE}", "",
+             f"> **{NOT_FOR_RELEASE}.** These numbers are {_MEMBERSHIP_WHY}. Who may see them: "
+             f"{WHO_MAY_SEE}.", "",
+             "Loss-threshold membership inference (score −loss), training set (members) vs "
              "held-out test set (non-members); 95% bootstrap CIs.", ""]
     for name, res in results.items():
         names = res["metrics"]
@@ -105,12 +144,41 @@ def membership_section(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def markdown(audit: Mapping[str, Any], plots: Mapping[str, pathlib.Path]) -> str:
-    """audit.md: a "Privacy audit" section a run's report can include as it is."""
+    """audit.md: a "Privacy audit" section a run's report can include as it is (a membership
+    audit's subsection is headed NOT_FOR_RELEASE, and so are its plots' captions)."""
     lines = ["## Privacy audit", ""]
     if "canaries" in audit:
         lines += canary_section(audit["canaries"])
     if "membership" in audit:
         lines += membership_section(audit["membership"])
     for name, path in plots.items():
-        lines += [f"![{name}]({pathlib.Path(path).name})", ""]
+        caption = f"{name} ({NOT_FOR_RELEASE.lower()})" if "membership" in audit else name
+        lines += [f"![{caption}]({pathlib.Path(path).name})", ""]
     return "\n".join(lines)
+
+
+def write_audit(workdir: str | pathlib.Path, audit: Mapping[str, Any],
+                plots: Mapping[str, pathlib.Path]) -> tuple[pathlib.Path, pathlib.Path, str]:
+    """Writes audit.json (with the "release" marking first) and audit.md into workdir.
+
+    Returns (audit.json path, audit.md path, the markdown section).
+    """
+    workdir = pathlib.Path(workdir)
+    record = {"release": release_marking(audit), **audit}
+    json_path, md_path = workdir / "audit.json", workdir / "audit.md"
+    run_io.write_json(json_path, record)
+    section = markdown(audit, plots)
+    md_path.write_text(section)
+    return json_path, md_path, section
+
+
+def add_to_run_report(report_path: str | pathlib.Path, section: str) -> bool:
+    """Puts the audit section into the run's report.md (replacing an earlier one); False when
+    there is no report.md. The section keeps its NOT_FOR_RELEASE heading and notice."""
+    report_path = pathlib.Path(report_path)
+    if not report_path.exists():
+        return False
+    text = report_path.read_text()
+    head = text.split("\n## Privacy audit\n", 1)[0].rstrip("\n")
+    report_path.write_text(head + "\n\n" + section.rstrip("\n") + "\n")
+    return True

@@ -1,0 +1,77 @@
+"""The membership audit's outputs are marked as un-noised statistics of the private training
+data (audit.json, audit.md, the run report's section, the plot); a canary audit's are not."""
+
+import json
+
+import numpy as np
+
+from tfdpfair.audit import membership, report
+
+
+def _membership_results():
+    rng = np.random.default_rng(0)
+    scores = np.r_[rng.normal(0.3, 1, 200), rng.normal(0, 1, 200)]
+    is_member = np.r_[np.ones(200), np.zeros(200)].astype(int)
+    groups = {"ink": np.array(["light", "heavy"] * 200)}
+    res = membership.membership_inference(scores, is_member, groups, num_resamples=20, seed=0)
+    return {"dp (ε = 3.99)": res, "non-private": res}
+
+
+def _canary_audit():
+    return {"mode": "gradient_canaries", "m": 100, "num_included": 50, "score": "llr",
+            "ks_tried": [5, 10], "k": 10, "r": 20, "v": 12, "epsilon_lower_bound": 0.1,
+            "accountant_epsilon": 4.0, "noise_multiplier": 1.0, "sampling_rate": 0.01,
+            "steps": 10, "delta": 1e-5}
+
+
+def test_membership_audit_json_and_markdown_are_marked_not_for_release(tmp_path):
+    results = _membership_results()
+    plot = report.plot_membership(results, "ink", tmp_path / "membership_auc.png")
+    json_path, md_path, section = report.write_audit(
+        tmp_path, {"membership": results}, {"membership AUC by subgroup": plot})
+    record = json.loads(json_path.read_text())
+    assert list(record)[0] == "release"  # the first thing a reader of the file sees
+    assert record["release"]["not_for_release"] is True
+    assert record["release"]["contains_unnoised_private_statistics"] is True
+    assert "data custodian" in record["release"]["who_may_see"]
+    assert "without noise" in record["release"]["why"]
+    assert set(record["membership"]) == set(results)
+
+    text = md_path.read_text()
+    assert text == section
+    label = "Not for release: un-noised statistics of the private training data"
+    heading = [line for line in text.splitlines() if line.startswith("### Membership")]
+    assert heading == [f"### Membership inference — {label}"]
+    # The notice comes before any number of the membership section.
+    assert text.index(label) < text.index("| overall |")
+    assert "data custodian" in text and "people already allowed to see" in text
+    assert "not for release" in text.split("![")[1].lower()  # the plot's caption
+
+
+def test_run_report_section_keeps_the_marking_and_replaces_an_old_one(tmp_path):
+    run_report = tmp_path / "report.md"
+    run_report.write_text("# Run\n\n## Privacy\n\nGuarantee: ...\n\n## Privacy audit\n\nold\n")
+    section = report.markdown({"membership": _membership_results()}, {})
+    assert report.add_to_run_report(run_report, section)
+    text = run_report.read_text()
+    assert text.count("## Privacy audit") == 1 and "\nold\n" not in text
+    privacy, audit = text.split("## Privacy audit")
+    assert "Guarantee" in privacy and "Not for release" not in privacy
+    assert "Not for release: un-noised statistics of the private training data" in audit
+    assert not report.add_to_run_report(tmp_path / "missing.md", section)
+
+
+def test_membership_plot_is_titled_not_for_release(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    seen = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: seen.append(self))
+    report.plot_membership(_membership_results(), "ink", tmp_path / "p.png")
+    assert "Not for release" in seen[0]._suptitle.get_text()  # noqa: SLF001
+
+
+def test_canary_audit_is_not_marked_as_private_statistics(tmp_path):
+    json_path, _, section = report.write_audit(tmp_path, {"canaries": _canary_audit()}, {})
+    release = json.loads(json_path.read_text())["release"]
+    assert release["not_for_release"] is False
+    assert release["contains_unnoised_private_statistics"] is False
+    assert "Not for release" not in section
