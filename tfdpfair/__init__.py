@@ -1,13 +1,16 @@
 """tfdpfair: DP-SGD fine-tuning with exact accounting and subgroup fairness evaluation.
 
 The Keras entry points are imported lazily, so ``import tfdpfair.fairness`` (numpy only) does
-not load TensorFlow.
+not load TensorFlow. ``import tfdpfair`` still makes every tfdpfair Keras class loadable by
+``keras.models.load_model`` (stand-ins registered once Keras is imported: _keras_registration.py).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from tfdpfair import _keras_registration
 
 __version__ = "0.1.0"
 
@@ -23,6 +26,8 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
+
+_keras_registration.install()
 
 
 def __getattr__(name: str) -> Any:

@@ -7,12 +7,14 @@ still 0. Error messages state counts and shapes, never the value of a private ex
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from tfdpfair.training import held_out
 from tfdpfair.training.input_pipeline import TrainingData
 
 PUBLIC_LOG_KEYS = ("epsilon", "logical_steps")
@@ -48,19 +50,35 @@ def check_callbacks(callbacks: Iterable[keras.callbacks.Callback]) -> None:
 
 
 def check_validation_is_held_out(data: TrainingData, validation_data: Any) -> None:
-    """Refuses validation arrays that are (views of) the private training inputs.
+    """Refuses validation inputs that repeat rows of the private training inputs (by content).
 
-    ``val_*`` metrics are what callbacks may act on; computed on the training set they would be
-    un-noised private statistics under a public name.
+    ``val_*`` metrics are what callbacks may act on; computed on training rows they would be
+    un-noised private statistics under a public name. Rows are compared by value, so copies,
+    tensors, subsets and shuffles of the training arrays are caught (training/held_out.py). The
+    message gives only the number of repeated rows. What cannot be checked is named in a
+    warning: training inputs not held in memory (an IndexedSource), and validation data that is
+    not arrays/tensors or a finite tf.data.Dataset (generators, PyDataset).
     """
-    if data.inputs is None or not isinstance(validation_data, (tuple, list)):
+    if validation_data is None:
         return
-    val_x = validation_data[0] if validation_data else None
-    if isinstance(val_x, np.ndarray) and np.shares_memory(val_x, data.inputs):
+    if data.inputs is None:
+        warnings.warn("validation_data was not checked for copies of training rows: the "
+                      "training inputs are not held in memory as an array (an IndexedSource). "
+                      "Make sure it is a held-out split.", UserWarning, stacklevel=3)
+        return
+    train = np.asarray(data.inputs)
+    val, why = held_out.validation_inputs(validation_data, train.shape[1:])
+    if val is None:
+        warnings.warn(f"validation_data was not checked for copies of training rows ({why}). "
+                      "Make sure it is a held-out split.", UserWarning, stacklevel=3)
+        return
+    repeated = held_out.count_rows_in_training(train, val)
+    if repeated:
         raise DPUsageError(
-            "validation_data shares memory with the private training inputs: val_* metrics "
-            "computed on training data are un-noised private statistics, and callbacks act on "
-            "them. Pass a held-out split (or public data) as validation_data.")
+            f"{repeated} of the {len(val)} validation rows are identical to rows of the private "
+            "training inputs: val_* metrics computed on training data are un-noised private "
+            "statistics, and callbacks act on them. Pass a held-out split (or public data) as "
+            "validation_data, without the repeated rows.")
 
 
 def check_precision_policy(model: keras.Model, optimizer: Any) -> None:
