@@ -63,7 +63,9 @@ setup(
         "Intended Audience :: Science/Research",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
-    packages=find_packages(include=["tfdpfair", "tfdpfair.*", "experiments", "experiments.*"]),
+    # experiments/ (python -m entry points in a clone) is not installed: a top-level package of
+    # that name would clash with other projects'; the configs ship as tfdpfair.configs.
+    packages=find_packages(include=["tfdpfair", "tfdpfair.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": TEST_REQUIRES,
@@ -73,6 +75,9 @@ setup(
     entry_points={
         "console_scripts": [
             "tfdpfair-epsilon=tfdpfair.privacy.epsilon_cli:run",
+            "tfdpfair-train=tfdpfair.cli.train:run",
+            "tfdpfair-evaluate=tfdpfair.cli.evaluate:run",
+            "tfdpfair-audit=tfdpfair.cli.audit:run",
         ],
     },
 )

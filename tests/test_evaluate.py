@@ -1,4 +1,4 @@
-"""experiments/evaluate.py end to end on run directories written with run_io."""
+"""tfdpfair/cli/evaluate.py (tfdpfair-evaluate) end to end on run directories written with run_io."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import pytest
 from fairlearn.metrics import MetricFrame
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from experiments import evaluate
+from tfdpfair.cli import evaluate
 from tfdpfair.fairness import run_io
 
 CLASSES = ["cat", "dog", "fox"]
@@ -182,7 +182,7 @@ def test_truncated_predictions_file_is_named(tmp_path):
         evaluate.evaluate(dirs, tmp_path / "out", num_bootstrap=10)
     message = str(info.value)
     assert str(npz) in message and "BadZipFile" in message
-    assert f"python -m experiments.train --workdir={tmp_path / 'eps1'}" in message
+    assert f"tfdpfair-train --workdir={tmp_path / 'eps1'}" in message
     with pytest.raises(run_io.RunDirError, match="truncated or corrupt"):
         run_io.read_predictions(npz)
 
@@ -239,4 +239,4 @@ def test_command_line_reports_a_bad_file_without_traceback(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
-    assert f"experiments.evaluate: error: cannot read predictions file {npz}" in proc.stderr
+    assert f"tfdpfair-evaluate: error: cannot read predictions file {npz}" in proc.stderr

@@ -12,16 +12,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_default_config_is_found_outside_the_repository(tmp_path):
-    """`python -m experiments.train` without --config, run from another directory, parses its
+    """`tfdpfair-train` without --config, run from another directory, parses its
     flags and loads the packaged demo config (the default used to be a cwd-relative path)."""
-    code = ("import sys; from absl import flags; from experiments import train; "
+    code = ("import sys; from absl import flags; from tfdpfair.cli import train; "
             "flags.FLAGS(sys.argv); c = train._CONFIG.value; "
             "print('config:', flags.FLAGS['config'].config_filename, c.data.name, "
             "c.dp.target_epsilon)")
     proc = subprocess.run([sys.executable, "-c", code, "--config.dp.target_epsilon=2"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    demo = REPO / "experiments" / "configs" / "demo.py"
+    demo = REPO / "tfdpfair" / "configs" / "demo.py"
     assert f"config: {demo} digits 2.0" in proc.stdout
 
 

@@ -27,7 +27,7 @@ TFDS_CONFIGS = {"imagenet_nfnet_f3", "places365_nfnet", "cifar10_wrn_16_4",
 
 
 def get_config(name: str, arg: str | None = None):
-    return importlib.import_module(f"experiments.configs.{name}").get_config(arg)
+    return importlib.import_module(f"tfdpfair.configs.{name}").get_config(arg)
 
 
 @pytest.fixture(scope="module")

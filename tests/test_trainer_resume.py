@@ -20,7 +20,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 30
 FLAGS = [  # the demo, from scratch (no cached pre-training), no stateful dropout, fixed seeds
-    "--config=experiments/configs/demo.py:runlocal=True", f"--config.dp.steps={STEPS}",
+    "--config=tfdpfair/configs/demo.py:runlocal=True", f"--config.dp.steps={STEPS}",
     "--config.model.init=None", "--config.model.from_scratch=True",
     "--config.model.kwargs.drop_rate=0.0", "--config.model.kwargs.stochdepth_rate=0.0",
     "--config.non_private.enabled=False", "--config.dp.noise_seed=5",

@@ -5,7 +5,7 @@ Modules (numpy only, except report.py which uses matplotlib's Agg canvas):
              disparity aggregates, on weighted examples
   bootstrap  seeded example / patient (cluster) bootstrap shared by all models (paired)
   compare    evaluate_fairness: per-model summaries and paired private − non-private comparisons
-  run_io     run-directory writer (for experiments/train.py) and reader
+  run_io     run-directory writer (for tfdpfair-train) and reader
   report     report.md and PNG plots
 Submodules are not imported here, so `import tfdpfair.fairness.metrics` stays light.
 """

@@ -175,7 +175,7 @@ class RunDir:
 def _rerun_hint(run_dir: PathLike | None) -> str:
     """How to regenerate a run directory's files."""
     where = f"--workdir={run_dir}" if run_dir is not None else "--workdir=<run dir>"
-    return (f"re-run the training job that wrote it (e.g. `python -m experiments.train {where}`) "
+    return (f"re-run the training job that wrote it (e.g. `tfdpfair-train {where}`) "
             f"to regenerate it")
 
 

@@ -39,7 +39,7 @@ TOO_LARGE_MESSAGE = (
     "outside this module on an IndexedSource that reads images from disk on demand: a "
     "tfdpfair.data.sources.ImageFileSource (e.g. tfdpfair.data.chexpert.load_chexpert, or the "
     "tfdpfair.data.mimic_cxr reader) passed to DPModel.fit or to the experiment binary "
-    "(experiments/train.py), then export with tfdpfair.tfx.export.export_serving.")
+    "(tfdpfair-train), then export with tfdpfair.tfx.export.export_serving.")
 
 
 def resolve_files(patterns: Sequence[str] | str | None, what: str) -> list[str]:

@@ -116,7 +116,7 @@ def _fairness_section(summary: Mapping[str, Any] | None) -> list[str]:
              f"({summary['num_bootstrap']} resamples); groups smaller than "
              f"{summary['min_group_size']} are not scored. Overall: {_ci(summary['overall'])}. "
              "No non-private reference model was trained in this run: compare disparities with "
-             "a non-private model of similar accuracy (experiments/evaluate.py) before "
+             "a non-private model of similar accuracy (tfdpfair-evaluate) before "
              "attributing them to DP.", ""]
     for attribute, info in summary["attributes"].items():
         lines += [f"### {attribute}", "", "| group | n | value [CI] | note |", "|---|---|---|---|"]

@@ -11,7 +11,7 @@ What it does, in order:
 2. counts the training examples and materialises them in memory (DP-SGD needs random access
    and a known N; over the memory limit it refuses and names the alternative) - it never
    samples from the stream, and it refuses a stream-only input (a data_accessor without files);
-3. builds the model (experiments.model_factory name, fine-tuning mode, initial weights);
+3. builds the model (a models/registry.py name, fine-tuning mode, initial weights);
 4. fixes the DP plan. TFX's ``train_steps`` is only a request: the plan (target ε, epochs,
    expected batch) decides T, and both are logged;
 5. trains with DPModel.fit, evaluates on eval_files (with group labels: a fairness summary);
@@ -98,11 +98,11 @@ def _check_inputs(fn_args: Any, config: TFXTrainerConfig) -> None:
 
 def build_model(config: TFXTrainerConfig) -> keras.Model:
     """The model named by config.model, with its fine-tuning mode and initial weights."""
-    from experiments import model_factory
+    from tfdpfair.models import registry
 
     image = config.example_format.image_config
     shape = (*image.image_size, image.channels)
-    model = model_factory.build_model(config.model, shape, config.num_classes)
+    model = registry.build_model(config.model, shape, config.num_classes)
     if config.init_weights:
         _load_weights(model, config)
     mode = config.trainable

@@ -1,4 +1,4 @@
-"""The experiment loop behind experiments/train.py: ``train_and_evaluate(config, workdir)``.
+"""The experiment loop behind tfdpfair-train (cli/train.py): ``train_and_evaluate(config, workdir)``.
 
 One readable run, in fixed sections (the config is the only source of hyper-parameters):
 

@@ -1,8 +1,8 @@
 """The trainer's model, optimizer, schedule and loss registries (read from the config only).
 
-  MODELS      config.model.name -> builder(config.model, input_shape, num_classes) -> keras.Model
-              "nfnet" (variant F0…F7, nano, micro), "wide_resnet" (WRN-16-4, WRN-28-10,
-              WRN-40-4), "simple_cnn"; constructor kwargs from config.model.kwargs.
+  models      config.model.name (and .variant) -> models/registry.py MODELS: "nfnet" (F0…F7,
+              nano, micro), "wide_resnet" (WRN-16-4, WRN-28-10, WRN-40-4), "simple_cnn";
+              constructor kwargs from config.model.kwargs.
   OPTIMIZERS  config.optimizer.name -> keras optimizer: "sgd" (momentum 0 = plain SGD), "adam".
   SCHEDULES   config.schedule.name -> learning rate (a float or a keras schedule of the
               optimizer step, which DPModel advances once per logical step): "constant",
@@ -18,14 +18,11 @@ is reset when the class count differs, a 1-channel input adapts the stem), or a 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
 
 import keras
 
-from tfdpfair.models import finetune
-
-ModelBuilder = Callable[[Any, tuple, int], keras.Model]
-
+from tfdpfair.models import finetune, registry
 
 def _kwargs(model_config: Any) -> dict[str, Any]:
     kwargs = model_config.get("kwargs", None)
@@ -33,35 +30,14 @@ def _kwargs(model_config: Any) -> dict[str, Any]:
                                           else kwargs)
 
 
-def _nfnet(model_config: Any, input_shape: tuple, num_classes: int) -> keras.Model:
-    from tfdpfair.models import nfnet
-    return nfnet.build_nfnet(model_config.variant, num_classes=num_classes,
-                             input_shape=input_shape, **_kwargs(model_config))
-
-
-def _wide_resnet(model_config: Any, input_shape: tuple, num_classes: int) -> keras.Model:
-    from tfdpfair.models import wide_resnet
-    return wide_resnet.build_wide_resnet(model_config.variant, num_classes=num_classes,
-                                         input_shape=input_shape, **_kwargs(model_config))
-
-
-def _simple_cnn(model_config: Any, input_shape: tuple, num_classes: int) -> keras.Model:
-    inputs = keras.Input(input_shape, name="image")
-    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="stage0_conv")(inputs)
-    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
-    return keras.Model(inputs, keras.layers.Dense(num_classes, name="head")(h),
-                       name="simple_cnn")
-
-
-MODELS: dict[str, ModelBuilder] = {
-    "nfnet": _nfnet, "wide_resnet": _wide_resnet, "simple_cnn": _simple_cnn}
-
-
 def build_model(model_config: Any, input_shape: tuple, num_classes: int) -> keras.Model:
-    """The model named by ``model_config.name`` (see MODELS), untrained."""
-    if model_config.name not in MODELS:
-        raise ValueError(f"unknown model.name {model_config.name!r}; known: {sorted(MODELS)}.")
-    return MODELS[model_config.name](model_config, tuple(input_shape), int(num_classes))
+    """The model named by ``model_config.name`` (models/registry.py MODELS), untrained."""
+    if model_config.name not in registry.MODELS:
+        raise ValueError(f"unknown model.name {model_config.name!r}; known: "
+                         f"{sorted(registry.MODELS)}.")
+    return registry.build_model(model_config.name, input_shape, num_classes,
+                                variant=model_config.get("variant", None),
+                                **_kwargs(model_config))
 
 
 def load_initial_weights(model: keras.Model, model_config: Any) -> str:

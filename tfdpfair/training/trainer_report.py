@@ -2,7 +2,7 @@
 
 Variants: "private" (last DP weights), "private_ema", "private_polyak" (averages, when kept),
 "non_private" (the baseline), all on the same test split, in the run_io layout
-(fairness/run_io.py) that experiments/evaluate.py reads for the subgroup report.
+(fairness/run_io.py) that tfdpfair-evaluate (cli/evaluate.py) reads for the subgroup report.
 Multiclass: accuracy. Multilabel: macro AUC over the evaluation tasks (tasks whose test labels
 hold a single class are left out and listed), plus per-label accuracy at 0.5.
 """

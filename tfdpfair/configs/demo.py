@@ -1,14 +1,14 @@
 """Demo: pre-train on the public digits, DP fine-tune on the private digits, compare to non-DP.
 
 Runs in about two minutes on 2 CPU cores (`make demo`). Override any field, e.g.
-  python -m experiments.train --config=experiments/configs/demo.py --config.dp.target_epsilon=2
-`--config=experiments/configs/demo.py:runlocal=True` shrinks it to a few steps (tests).
+  tfdpfair-train --config=demo --config.dp.target_epsilon=2
+`--config=tfdpfair/configs/demo.py:runlocal=True` shrinks it to a few steps (tests).
 Every value here is a choice for this toy task, not a published hyper-parameter.
 """
 
 import ml_collections
 
-from experiments.configs import common
+from tfdpfair.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

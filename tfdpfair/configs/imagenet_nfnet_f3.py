@@ -11,7 +11,7 @@ about privacy of a model pre-trained on other data: use your own public pre-trai
 
 import ml_collections
 
-from experiments.configs import common
+from tfdpfair.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,7 +1,7 @@
 """Shared pieces of the experiment configs: argument parsing and the runtime section.
 
 A config file defines ``get_config(arg=None)``; ``arg`` is the text after ``:`` in
-``--config=experiments/configs/<name>.py:runlocal=True,variant=F1`` (or the string passed to
+``--config=tfdpfair/configs/<name>.py:runlocal=True,variant=F1`` (or the string passed to
 ``get_config`` in tests). Hyper-parameters live in each config file; this module holds only
 structure and runtime-only values (logging / checkpoint cadence), which may change between a
 run and its resumption.

@@ -9,7 +9,7 @@ our choice. TFDS ``places365_small`` (256×256 images).
 
 import ml_collections
 
-from experiments.configs import common
+from tfdpfair.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

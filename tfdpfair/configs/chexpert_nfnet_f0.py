@@ -10,7 +10,7 @@ without momentum, constant learning rate, weight decay 0, EMA of the weights, la
 training; blank -> 0), patient-level split of train.csv. The 2023 paper's configs were never
 released: every value marked UNPUBLISHED below is our choice.
 
-  python -m experiments.train --config=experiments/configs/chexpert_nfnet_f0.py \
+  tfdpfair-train --config=chexpert_nfnet_f0 \
       --config.data.root=/data/CheXpert-v1.0-small --config.model.init=/ckpt/F0_haiku.npz \
       --config.dp.target_epsilon=8 --workdir=runs/chexpert_f0_eps8
 
@@ -20,7 +20,7 @@ The ImageNet-21k F0 checkpoint of the paper is not public; the public F0_haiku.n
 
 import ml_collections
 
-from experiments.configs import common
+from tfdpfair.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

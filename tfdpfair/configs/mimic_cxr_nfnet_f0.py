@@ -5,14 +5,14 @@ momentum, constant learning rate, EMA, uncertain and blank labels -> 0, the offi
 MIMIC-CXR-JPG split, demographics (sex, age, race, insurance) from MIMIC-IV. The configs were
 never released: values marked UNPUBLISHED are our choice (as for CheXpert).
 
-  python -m experiments.train --config=experiments/configs/mimic_cxr_nfnet_f0.py \
+  tfdpfair-train --config=mimic_cxr_nfnet_f0 \
       --config.data.root=/data/mimic-cxr-jpg/2.0.0 --config.data.mimic_iv_dir=/data/mimiciv/2.2 \
       --config.model.init=/ckpt/F0_haiku.npz --workdir=runs/mimic_f0_eps8
 """
 
 import ml_collections
 
-from experiments.configs import common
+from tfdpfair.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ Architecture: WS convs + GroupNorm(16), pre-activation blocks (models/wide_resne
 
 import ml_collections
 
-from experiments.configs import common
+from tfdpfair.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
