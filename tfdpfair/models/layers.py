@@ -18,7 +18,6 @@ import threading
 from typing import Any, Iterator
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 # The γ constants are DeepMind's, copied from the `nonlinearities` table of the reference NFNet
