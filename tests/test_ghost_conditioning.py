@@ -12,6 +12,9 @@ kernel, in float32 and under the mixed_bfloat16 policy. For each:
    model, to bf16 accuracy;
 2. removing any one example moves the clipped sum by at most C·(1 + 1e-5).
 
+The rules without a standardisation (Conv2D/Dense Gram and ‖a‖²‖δ‖² forms, GroupNorm affines,
+SkipInit gains) are checked the same way under extreme scales of their parameters.
+
 Before the fix (float32, kernel mean 1e6, std 0.1) the norms were 55% off and one removal
 moved the sum by 1.040·C; mean 1e2, std 5e-2: 4e-4 and 1.0000676·C.
 """
@@ -22,6 +25,7 @@ import pytest
 import tensorflow as tf
 
 from tfdpfair.models.layers import WSConv2D
+from tfdpfair.models.wide_resnet import build_wide_resnet
 from tfdpfair.privacy.ghost_clipping import batch_example_loss_fn, ghost_clipped_grad_sum
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -172,3 +176,53 @@ def test_ws_input_offset_keeps_sensitivity(offset):
             moved = np.sqrt(np.sum((full.grad_sum[0].numpy().astype(np.float64)
                                     - run(without, clip).grad_sum[0].numpy()) ** 2))
             assert moved <= clip * SLACK, (offset, mode, i, moved / clip)
+
+
+def small_wrn():  # Conv2D kernels, GroupNorm affines, SkipInit gains, Dense head
+    keras.utils.set_random_seed(6)
+    return build_wide_resnet((10, 1), 3, (8, 8, 3), groups=4, use_skip_init=True)
+
+
+def extreme_parameters(model, state, seed=0):
+    """Random weights, then one extreme-but-valid scaling of a family of variables."""
+    rng = np.random.default_rng(seed)
+    for v in model.trainable_variables:
+        w = v.numpy() + 0.2 * rng.normal(size=v.shape).astype(np.float32)
+        if state == "norm_offset" and "beta" in v.path:
+            w = w + 1e3  # GroupNorm beta 1e3, gamma 1e-3: next conv inputs ≈ 1e3 ± 1
+        elif state == "norm_offset" and "gamma" in v.path:
+            w = w * 1e-3
+        elif state == "big_gains" and ("gamma" in v.path or "skip_gain" in v.path):
+            w = w * 1e3
+        elif state == "tiny_kernels" and "kernel" in v.path:
+            w = w * 1e-4
+        elif state == "huge_kernels" and "kernel" in v.path:
+            w = w * 1e4
+        v.assign(w.astype(np.float32))
+    return model
+
+
+@pytest.mark.parametrize("state", ["norm_offset", "big_gains", "tiny_kernels", "huge_kernels"])
+def test_other_closed_forms_hold_for_extreme_parameters(state):
+    """Conv2D/Dense (‖a‖²‖δ‖², Gram or direct), GroupNorm affine and SkipInit gain rules do not
+    subtract, so extreme scales leave them exact: norms vs a float64 loop (where its norm is
+    finite and nonzero; zero gradients, e.g. dead ReLUs, must stay zero) and removal ≤ C."""
+    model = extreme_parameters(small_wrn(), state)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 6).astype(np.int32)
+    keras.mixed_precision.set_global_policy("float64")
+    try:
+        twin = small_wrn()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    twin.set_weights([w.astype(np.float64) for w in model.get_weights()])
+    reference = brute_force_norms(twin, x.astype(np.float64), y)
+    ok = np.isfinite(reference) & (reference > 0)
+    assert ok.sum() >= 3
+    clip = 0.5 * float(np.median(reference[ok]))
+    full, worst = worst_removal(model, x, y, clip, "ghost")  # Gram forms (direct has none)
+    norms = full.grad_norms.numpy()
+    np.testing.assert_allclose(norms[ok], reference[ok], rtol=1e-5)
+    assert np.all(norms[reference == 0] == 0)
+    assert worst <= SLACK, (state, worst)
