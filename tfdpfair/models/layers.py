@@ -18,7 +18,6 @@ import threading
 from typing import Any, Iterator
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 # The γ constants are DeepMind's, copied from the `nonlinearities` table of the reference NFNet
@@ -77,6 +76,27 @@ class ScaledActivation(keras.layers.Layer):
         return {**super().get_config(), "activation": self.activation}
 
 
+def standardization_moments(kernel: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(c, N·var) of an HWIO kernel: c[..., o] = w[..., o] − mean_o and N·var_o = Σ c[..., o]²,
+    per output filter o over its N = kh·kw·c_in fan-in entries; float32 (float64 for a float64
+    kernel), whatever the kernel's dtype.
+
+    Computed so that c is accurate to float32 rounding *of c itself* for every kernel state
+    (docs/ghost_clipping.md, "Conditioning"): each filter is first shifted by its own first
+    entry w_0 (an exact-input subtraction, relative error ≤ 2⁻²⁴ of the difference), then
+    centred by the mean of the shifted values. The textbook w·scale − mean·scale instead
+    cancels two numbers of size |mean|·scale: for mean 1e6, std 0.1 its error was as large as
+    the standardised kernel itself (float32 spacing at 1e6 is 0.0625). Mathematically c = Πw
+    with Π = I − 11ᵀ/N for any shift, so the shift carries no gradient (stop_gradient) and
+    ∂c/∂w = Π exactly, as the ghost rule's closed form assumes.
+    """
+    dtype = tf.float64 if kernel.dtype == tf.float64 else tf.float32
+    w = tf.cast(kernel, dtype)
+    shifted = w - tf.stop_gradient(w[:1, :1, :1, :])
+    c = shifted - tf.reduce_mean(shifted, axis=(0, 1, 2), keepdims=True)
+    return c, tf.reduce_sum(tf.square(c), axis=(0, 1, 2))
+
+
 def standardize_kernel(
     kernel: tf.Tensor, gain: tf.Tensor, eps: float = 1e-4
 ) -> tf.Tensor:
@@ -85,13 +105,12 @@ def standardize_kernel(
     ŵ[..., o] = gain[o] · (w[..., o] − mean_o) / sqrt(max(N · var_o, eps)), where mean_o and
     var_o are the mean and (biased) variance of output filter o over its N = kh·kw·c_in fan-in
     entries. Each filter then has Σ ŵ² = gain², so a unit-variance input gives a unit-variance
-    output.
+    output. Computed in float32 by :func:`standardization_moments` (accurate for any kernel
+    state) and returned in the kernel's dtype (bf16 under a mixed_bfloat16 policy).
     """
-    fan_in = float(np.prod(kernel.shape[:-1]))
-    mean = tf.reduce_mean(kernel, axis=(0, 1, 2), keepdims=True)
-    var = tf.math.reduce_variance(kernel, axis=(0, 1, 2), keepdims=True)
-    scale = tf.math.rsqrt(tf.maximum(var * fan_in, eps)) * gain
-    return kernel * scale - mean * scale
+    c, n_var = standardization_moments(kernel)
+    scale = tf.math.rsqrt(tf.maximum(n_var, eps)) * tf.cast(gain, c.dtype)
+    return tf.cast(c * scale, kernel.dtype)
 
 
 def _same_padding(size: Any, kernel_size: int, stride: int) -> tuple[Any, Any]:

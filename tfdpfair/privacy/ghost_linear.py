@@ -171,14 +171,23 @@ class LinearPiece:
         return sq if self.ws is None else self._standardisation_correction(sq)
 
     def _standardisation_correction(self, sq: tf.Tensor) -> tf.Tensor:
-        """‖P(h_i)‖² from ‖h_i‖² (docs/ghost_clipping.md): per (g, o), subtract
-        (Σ_p h)²/N and active·(uᵀh)², both formed from A's row sums and A·u, never from h."""
+        """‖P(h_i)‖² from ‖h_i‖², with P = ``ws.project`` (docs/ghost_clipping.md): per (g, o),
+        with a = active, uh = uᵀh, hs = 1ᵀh (from A's row sums and A·u, never from h),
+
+            ‖h − a·u·uh − (hs/N)·1‖² = ‖h‖² − hs²/N − a·uh²·(2 − ‖u‖²) + 2a·uh·hs·(1ᵀu)/N,
+
+        the exact norm of the vector ``project`` adds to the sum for the u actually used: it
+        does not assume ‖u‖ = 1 and 1ᵀu = 0 (which the float32 u meets only to rounding)."""
         ws = self.ws
+        n = float(self.dims()[1])
         hsum = tf.linalg.matmul(group_major(ws.asum[..., None]), group_major(self.D),
                                 transpose_a=True)[:, :, 0]  # Σ_p h[p, o]: [B, G, O]
         uh = tf.reduce_sum(ws.tu * self.D, axis=1)  # uᵀh per (g, o)
-        sq = sq - tf.reduce_sum(tf.square(hsum), [1, 2]) / float(self.dims()[1]) \
-            - tf.reduce_sum(ws.active * tf.square(uh), [1, 2])
+        uu = tf.reduce_sum(tf.square(ws.u), axis=-2)  # ‖u‖² per (g, o): [G, O]
+        u1 = tf.reduce_sum(ws.u, axis=-2)  # 1ᵀu per (g, o)
+        terms = (tf.square(hsum) / n + ws.active * tf.square(uh) * (2.0 - uu)
+                 - 2.0 / n * ws.active * uh * hsum * u1)
+        sq = sq - tf.reduce_sum(terms, [1, 2])
         return tf.where(sq < 0.0, tf.zeros_like(sq), sq)  # rounding; keeps NaN
 
     def weighted_sum(self, factors: tf.Tensor, keep: tf.Tensor,

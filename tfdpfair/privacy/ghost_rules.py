@@ -206,11 +206,10 @@ class WSConv2DRule(Rule):
 
     @staticmethod
     def _standardisation(layer):
-        kernel = tf.cast(tf.convert_to_tensor(layer.kernel), tf.float32)
-        fan_in = float(kernel.shape[0] * kernel.shape[1] * kernel.shape[2])
-        var_n = tf.math.reduce_variance(kernel, axis=(0, 1, 2)) * fan_in  # N·var_o, [O]
-        ones = tf.ones([kernel.shape[-1]], tf.float32)
-        u = tfdp_layers.standardize_kernel(kernel, ones, layer.eps)
+        # The layer's own moments (same ops), so u and the floor agree with WSConv2D.call.
+        centred, var_n = tfdp_layers.standardization_moments(
+            tf.cast(tf.convert_to_tensor(layer.kernel), tf.float32))  # c [.., O], N·var_o [O]
+        u = centred * tf.math.rsqrt(tf.maximum(var_n, layer.eps))
         # tf.maximum sends the gradient to its first argument on ties: floor inactive iff N·var ≥ eps.
         active = tf.cast(var_n >= layer.eps, tf.float32)
         return u, tf.maximum(var_n, layer.eps), active
