@@ -121,7 +121,7 @@ def run_case(args) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from experiments import model_factory
+    from tfdpfair.models import registry
     from tfdpfair.privacy import sampling
     from tfdpfair.privacy.dp_sgd import DPConfig
     from tfdpfair.training.dp_model import make_private
@@ -131,7 +131,7 @@ def run_case(args) -> dict:
     x = rng.random((n, args.image_size, args.image_size, 1), dtype=np.float32)
     y = rng.integers(0, 10, size=n).astype(np.int32)
     keras.utils.set_random_seed(0)
-    model = model_factory.build_model(args.model, x.shape[1:], 10)
+    model = registry.build_model(args.model, x.shape[1:], 10)
     dp = make_private(model, DPConfig(
         expected_batch_size=batch, micro_batch_size=m, noise_multiplier=1.0,
         noise_seed=0, sampling_seed=0))
@@ -198,7 +198,7 @@ def slope(xs: list[float], ys: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="nfnet_nano", help="experiments.model_factory name")
+    parser.add_argument("--model", default="nfnet_nano", help="tfdpfair.models.registry name, e.g. nfnet_nano")
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=256, help="micro-batch m")
     parser.add_argument("--num-examples", type=int, default=None,

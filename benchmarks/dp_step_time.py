@@ -24,7 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from experiments import model_factory  # noqa: E402
+from tfdpfair.models import registry  # noqa: E402
 from step_timer import StepTimer  # noqa: E402  (benchmarks/, on sys.path for a script)
 from tfdpfair.data.demo import load_demo_data  # noqa: E402
 from tfdpfair.privacy.dp_sgd import DPConfig  # noqa: E402
@@ -50,10 +50,10 @@ def main() -> None:
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     keras.utils.set_random_seed(0)
-    plain = model_factory.build_model(args.model, shape, classes)
+    plain = registry.build_model(args.model, shape, classes)
     plain.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss, jit_compile=False)
 
-    private_model = model_factory.build_model(args.model, shape, classes)
+    private_model = registry.build_model(args.model, shape, classes)
     dp = make_private(private_model, DPConfig(
         expected_batch_size=args.batch, micro_batch_size=args.micro_batch,
         noise_multiplier=1.0, noise_seed=0, sampling_seed=0, clipping=args.clipping))
