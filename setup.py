@@ -40,6 +40,7 @@ TEST_REQUIRES = [
     "pytest>=8",
     "pytest-timeout>=2.3",
     "fairlearn>=0.12",
+    "wheel>=0.40",  # tests/test_wheel.py builds the wheel without build isolation
     *CHECKPOINTS_REQUIRES,  # the pickled-checkpoint tests
 ]
 
