@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         expected_batch_size=4096,  # UNPUBLISHED (the paper's batches reach 262,144)
         micro_batch_size=32, steps=1000,  # UNPUBLISHED: T = 1000 (≈ 23 epochs of 178k)
         augmult=1,  # UNPUBLISHED for CheXpert
+        # Views if augmult > 1 (UNPUBLISHED: the paper does not state its CheXpert views): small
+        # shifts, no flips (a mirrored chest X-ray has its heart on the wrong side).
+        augment_pad=8, augment_flip=False,
         ema_decay=0.9999, polyak=True)  # EMA 0.9999 as in the seeds; Polyak also reported
     config.optimizer = common.sgd(1.0)  # published: SGD, no momentum; LR 1.0 UNPUBLISHED
     config.schedule = common.schedule("constant")  # published: constant

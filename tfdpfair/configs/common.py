@@ -91,6 +91,9 @@ def dp_section(**values: Any) -> ml_collections.ConfigDict:
     dp.steps = config_dict.placeholder(int)  # T; or give epochs
     dp.epochs = config_dict.placeholder(float)
     dp.augmult = 1
+    dp.augment_pad = 4  # augmult views: reflect-pad, random crop (shift ±pad), flip
+    dp.augment_crop = True
+    dp.augment_flip = True
     dp.privacy_unit = "example"  # or "patient" (all of a patient's images; N counts patients)
     dp.max_examples_per_patient = 1  # k images of a sampled patient per step ("patient" only)
     dp.clipping = "auto"  # execution only (same ε): ghost when the model is covered

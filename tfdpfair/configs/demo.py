@@ -31,6 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dp = common.dp_section(
         target_epsilon=4.0, l2_norm_clip=1.0, rescale_to_unit_norm=True,
         expected_batch_size=256, micro_batch_size=64, epochs=20.0, augmult=1,
+        # Views for --config.dp.augmult=K: digits are 8x8 and not mirror-symmetric, so shift by
+        # at most 1 pixel and never flip (pad 4 + flips turned 91% into 41% at augmult 4).
+        augment_pad=1, augment_flip=False,
         ema_decay=0.9, polyak=True)
     config.optimizer = common.sgd(1.0)  # SGD, no momentum, constant LR on unit-norm updates
     config.schedule = common.schedule("constant")

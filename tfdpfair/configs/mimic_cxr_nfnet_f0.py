@@ -35,7 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         target_epsilon=float(args.epsilon), delta_policy="1/N", accountant="rdp",
         l2_norm_clip=1e-3, rescale_to_unit_norm=True,  # published (C = 0.001)
         expected_batch_size=4096, micro_batch_size=32, steps=1000,  # UNPUBLISHED
-        augmult=1, ema_decay=0.9999, polyak=True)  # augmult UNPUBLISHED; EMA from the seeds
+        augmult=1, ema_decay=0.9999, polyak=True,  # augmult UNPUBLISHED; EMA from the seeds
+        augment_pad=8, augment_flip=False)  # views UNPUBLISHED: shifts, no flips (anatomy)
     config.optimizer = common.sgd(1.0)  # published: SGD, no momentum; LR UNPUBLISHED
     config.schedule = common.schedule("constant")
     config.non_private = common.non_private(False, common.sgd(0.1, momentum=0.9))  # UNPUBLISHED

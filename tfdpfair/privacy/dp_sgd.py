@@ -40,8 +40,13 @@ class DPConfig:
       accountant: "rdp" or "pld".
       rescale_to_unit_norm: divide the update by C as well (see module docstring).
       augmult: K views per example (1 = no augmentation multiplicity). With K > 1, images
-        [B, H, W, C] get K random crops/flips each per step (data/augment.py) and the
+        [B, H, W, C] get K random views each per step (data/augment.py) and the
         per-example loss is the mean over the K views, so one example is still clipped once.
+      augment_pad: pixels of reflection padding per side before the random crop (the crop's
+        shift range is ±pad); keep it small against the image (the papers: 4 for 32×32).
+      augment_crop: random crops of the padded image (False: views are not shifted).
+      augment_flip: random left-right flips (False for images whose meaning is not
+        mirror-symmetric: digits, text, chest X-rays with their anatomy).
       privacy_unit: "example" (one image) or "patient" (all of a patient's images:
         Poisson sampling over patients, up to ``max_examples_per_patient`` images per sampled
         patient per step, their mean loss clipped as one; expected_batch_size counts patients).
@@ -67,6 +72,9 @@ class DPConfig:
     accountant: str = "rdp"
     rescale_to_unit_norm: bool = False
     augmult: int = 1
+    augment_pad: int = 4
+    augment_crop: bool = True
+    augment_flip: bool = True
     privacy_unit: str = "example"
     max_examples_per_patient: int = 1
     clipping: str = "auto"
@@ -88,6 +96,8 @@ class DPConfig:
             raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}.")
         if not self.augmult >= 1:
             raise ValueError(f"augmult must be >= 1, got {self.augmult}.")
+        if not self.augment_pad >= 0:
+            raise ValueError(f"augment_pad must be >= 0, got {self.augment_pad}.")
         if self.privacy_unit not in ("example", "patient"):
             raise ValueError(f"privacy_unit must be 'example' or 'patient', got "
                              f"{self.privacy_unit!r}.")

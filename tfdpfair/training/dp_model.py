@@ -373,7 +373,9 @@ class DPModel(keras.Model):
             self.inner, self.dp_state, self.optimizer, accumulator, unit_loss,
             self._built_compile_metrics(data), LoopConfig(
                 data.num_units, plan.sampling_rate, cfg.micro_batch_size, cfg.l2_norm_clip,
-                cfg.augmult, bool(self.jit_compile), clipping), self.distribute_strategy,
+                cfg.augmult, bool(self.jit_compile), clipping, views=dict(
+                    pad=cfg.augment_pad, random_crop=cfg.augment_crop,
+                    random_flip=cfg.augment_flip)), self.distribute_strategy,
             self.averages)
         if self._audit_canaries is not None:
             rate = getattr(self._audit_canaries, "sampling_rate", plan.sampling_rate)

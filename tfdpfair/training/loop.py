@@ -62,6 +62,7 @@ class LoopConfig:
     augmult: int
     jit_compile: bool
     clipping: str = "vectorized"  # "vectorized" or "ghost" (resolved by DPModel)
+    views: dict = dataclasses.field(default_factory=dict)  # augment.make_views options
 
 
 class DPStepLoop:
@@ -100,7 +101,7 @@ class DPStepLoop:
                                                                                     tf.int64)
                 seed = tf.random.experimental.stateless_fold_in(
                     tf.stack([self.state.seed_values[2], step]), column)
-                x = _views(x, self.config.augmult, seed)
+                x = _views(x, self.config.augmult, seed, self.config.views)
             if self.config.clipping == "ghost":
                 clipped = ghost_clipped_grad_sum(
                     self.model, self.example_loss, self.variables, (x, y), mask,
@@ -211,11 +212,11 @@ def _update_masked(compile_metrics: Any, y: tf.Tensor, prediction: tf.Tensor,
                 metric.update_state(y, prediction, sample_weight=kept)
 
 
-def _views(x: tf.Tensor, augmult: int, seed: tf.Tensor) -> tf.Tensor:
+def _views(x: tf.Tensor, augmult: int, seed: tf.Tensor, options: dict) -> tf.Tensor:
     """K augmented views per image: [m, H, W, C] -> [m, K, H, W, C]; patient micro-batches
-    [m, k, H, W, C] -> [m, k, K, H, W, C]."""
+    [m, k, H, W, C] -> [m, k, K, H, W, C]. ``options``: make_views's pad/crop/flip."""
     if x.shape.rank == 4:
-        return augment.make_views(x, augmult, seed)
+        return augment.make_views(x, augmult, seed, **options)
     images = tf.reshape(x, [-1] + x.shape[2:].as_list())
-    views = augment.make_views(images, augmult, seed)
+    views = augment.make_views(images, augmult, seed, **options)
     return tf.reshape(views, [-1, x.shape[1]] + views.shape[1:].as_list())
