@@ -21,6 +21,7 @@ say "Not for release" (for the data custodian and people already allowed to see 
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 import time
@@ -57,9 +58,28 @@ def log(message: str) -> None:
     print(f"[audit {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def run_config(config):
+    """With --run_dir: the run's own config (its config.json), so the audit reads the data the
+    run trained on; otherwise --config."""
+    if not _RUN_DIR.value:
+        return config
+    saved = pathlib.Path(_RUN_DIR.value) / "config.json"
+    if not saved.exists():
+        raise app.UsageError(f"{saved} is missing: --run_dir must be a directory written by "
+                             "tfdpfair-train (its config.json names the run's data).")
+    import ml_collections
+    return ml_collections.ConfigDict(json.loads(saved.read_text()))
+
+
 def load_data(config) -> DemoData:
-    if config.data.name != "digits":
-        raise ValueError(f"the audit binary supports data.name='digits', got {config.data.name!r}")
+    name = setting(config, "data.name")
+    if name != "digits":
+        where = f"the run in {_RUN_DIR.value}" if _RUN_DIR.value else "this config"
+        raise app.UsageError(
+            f"{where} trained on data.name={name!r}; this binary audits digits runs only (it "
+            "needs the run's members and held-out examples with their subgroups). For other "
+            "data, score your model's per-example losses on training and held-out examples and "
+            "call tfdpfair.audit.membership.membership_inference (docs/audit.md).")
     return load_demo_data(public_fraction=config.data.public_fraction,
                           test_fraction=config.data.test_fraction,
                           image_size=config.data.image_size, seed=config.seed)
@@ -186,7 +206,7 @@ def models_to_audit(config, data: DemoData) -> dict[str, keras.Model]:
 
 def main(argv) -> None:
     del argv
-    config = _CONFIG.value
+    config = run_config(_CONFIG.value)
     workdir = pathlib.Path(_WORKDIR.value or _RUN_DIR.value or "runs/audit")
     workdir.mkdir(parents=True, exist_ok=True)
     data = load_data(config)
