@@ -30,13 +30,6 @@ import pathlib
 PACKAGE = "tfdpfair"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Cycles through files another branch is editing while this test was written (issue 21, the
-# experiment-runner move); each entry is one import (importer, imported) that closes a cycle and
-# is ignored. TEMPORARY: remove the entries, and this constant, once that branch has merged and
-# the cycles are broken there. An entry whose edge no longer exists fails the test, so the list
-# cannot go stale silently.
-ALLOWED_CYCLE_EDGES_PENDING_RUNNER_MOVE: frozenset[tuple[str, str]] = frozenset()
-
 
 def _module_files() -> dict[str, pathlib.Path]:
     modules = {}
@@ -212,11 +205,6 @@ def test_graph_sees_known_edges():
 
 def test_no_import_cycles():
     edges, _ = import_graph()
-    for importer, imported in ALLOWED_CYCLE_EDGES_PENDING_RUNNER_MOVE:
-        assert imported in edges.get(importer, {}), (
-            f"allow-listed edge {importer} -> {imported} no longer exists: remove it from "
-            "ALLOWED_CYCLE_EDGES_PENDING_RUNNER_MOVE.")
-        del edges[importer][imported]
     cycles = [_describe(_a_cycle(c, edges), edges) for c in strongly_connected_components(edges)]
     assert not cycles, (
         "import cycles in tfdpfair (move the shared names into a module both sides import; "
