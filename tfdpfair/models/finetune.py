@@ -24,6 +24,8 @@ from typing import Union
 
 import keras
 
+from tfdpfair.models.layers import PerExampleDropout
+
 _STAGE_RE = re.compile(r"^stage(\d+)_")
 
 TrainableMode = Union[str, tuple[str, int]]
@@ -93,6 +95,15 @@ def count_trainable_params(model: keras.Model) -> int:
     return total
 
 
+def head_initializer(head_init: str) -> keras.initializers.Initializer:
+    """"zeros" (default: all-zero logits at init) or "normal" (N(0, 0.01²), the paper's)."""
+    if head_init == "zeros":
+        return keras.initializers.Zeros()
+    if head_init == "normal":
+        return keras.initializers.RandomNormal(stddev=0.01)
+    raise ValueError(f"head_init must be 'zeros' or 'normal', got '{head_init}'.")
+
+
 def backbone(model: keras.Model) -> keras.Model:
     """The feature extractor: same input, output of the "pool" layer; shares all weights."""
     return keras.Model(model.input, model.get_layer("pool").output, name=f"{model.name}_backbone")
@@ -112,9 +123,6 @@ def reset_head(
     Returns:
       A functional model; the old model keeps its own head.
     """
-    from tfdpfair.models.layers import PerExampleDropout  # local: avoid an import cycle
-    from tfdpfair.models.nfnet import head_initializer
-
     if drop_rate is None:
         names = [layer.name for layer in model.layers]
         drop_rate = model.get_layer("head_dropout").rate if "head_dropout" in names else 0.0

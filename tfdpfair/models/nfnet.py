@@ -29,7 +29,8 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
-from tfdpfair.models.finetune import backbone, reset_head, set_trainable  # noqa: F401 (re-export)
+from tfdpfair.models.finetune import (  # noqa: F401 (the fine-tuning helpers re-exported)
+    backbone, head_initializer, reset_head, set_trainable)
 from tfdpfair.models.layers import (
     PerExampleDropout, ScaledActivation, SqueezeExcite, StochasticDepth, WSConv2D,
     scaled_activation)
@@ -249,15 +250,6 @@ def _body(x: keras.KerasTensor, config: NFNetConfig) -> keras.KerasTensor:
             activation=config.activation, stage=spec.stage, index=spec.index,
             name=f"stage{spec.stage}_block{spec.index - first_index}")(x)
     return x
-
-
-def head_initializer(head_init: str) -> keras.initializers.Initializer:
-    """"zeros" (default: all-zero logits at init) or "normal" (N(0, 0.01²), the paper's)."""
-    if head_init == "zeros":
-        return keras.initializers.Zeros()
-    if head_init == "normal":
-        return keras.initializers.RandomNormal(stddev=0.01)
-    raise ValueError(f"head_init must be 'zeros' or 'normal', got '{head_init}'.")
 
 
 def build_nfnet(

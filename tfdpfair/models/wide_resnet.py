@@ -22,7 +22,7 @@ import keras
 import tensorflow as tf
 
 from tfdpfair.models.layers import PerExampleDropout, WSConv2D
-from tfdpfair.models.nfnet import head_initializer
+from tfdpfair.models.finetune import head_initializer
 
 WRN_VARIANTS: dict[str, tuple[int, int]] = {
     "WRN-16-4": (16, 4),

@@ -8,7 +8,8 @@ RDP answer (about 20 ms per evaluation). Every returned value has been evaluated
 requested accountant, so ε <= target holds exactly (up to dp_accounting's own numerics).
 
 Import these from ``tfdpfair.privacy.accounting``, which re-exports them; they live here to
-keep that module small.
+keep that module small. This module imports only ``limits`` and ``dp_events``, never
+``accounting``, so the imports run one way: accounting -> calibration -> dp_events -> limits.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import time
 import warnings
 from typing import Callable
 
-from tfdpfair.privacy import accounting as acc
+from tfdpfair.privacy import limits as lim
+from tfdpfair.privacy.dp_events import compute_epsilon
 
 
 def calibrate_noise_multiplier(
@@ -26,9 +28,9 @@ def calibrate_noise_multiplier(
     sampling_rate: float,
     steps: int,
     delta: float,
-    accountant: acc.AccountantKind = "rdp",
-    rel_tol: float = acc.CALIBRATION_REL_TOL,
-    progress: acc.Progress | None = None,
+    accountant: lim.AccountantKind = "rdp",
+    rel_tol: float = lim.CALIBRATION_REL_TOL,
+    progress: lim.Progress | None = None,
 ) -> float:
     """The σ whose ε after T steps is <= target and >= (1 − rel_tol)·target.
 
@@ -54,44 +56,44 @@ def calibrate_noise_multiplier(
       BudgetUnreachableError: if even σ = MAX_NOISE_MULTIPLIER exceeds the target.
       PrivacyArgumentError: for any invalid argument, before any evaluation.
     """
-    target = acc.validate_target_epsilon(target_epsilon)
-    q, d = acc.validate_sampling_rate(sampling_rate), acc.validate_delta(delta)
-    acc.validate_accountant(accountant)
-    steps = acc.validate_steps(steps)
+    target = lim.validate_target_epsilon(target_epsilon)
+    q, d = lim.validate_sampling_rate(sampling_rate), lim.validate_delta(delta)
+    lim.validate_accountant(accountant)
+    steps = lim.validate_steps(steps)
     if steps == 0:
-        raise acc.PrivacyArgumentError("steps must be >= 1 to calibrate σ.")
+        raise lim.PrivacyArgumentError("steps must be >= 1 to calibrate σ.")
     if not 0.0 < rel_tol < 1.0:
-        raise acc.PrivacyArgumentError(f"rel_tol must be in (0, 1), got {rel_tol!r}.")
+        raise lim.PrivacyArgumentError(f"rel_tol must be in (0, 1), got {rel_tol!r}.")
     setting, start = (q, steps, d), time.perf_counter()
     sigma, slope = 1.0, 1.0
     if accountant == "pld":  # start from RDP's answer and its local exponent s
         try:
             sigma = _solve_sigma(_sigma_evaluator("rdp", setting, target, progress, start),
                                  target, rel_tol, sigma, slope, setting)
-        except acc.BudgetUnreachableError:  # RDP is almost always looser; let PLD decide.
-            sigma = acc.MAX_NOISE_MULTIPLIER
-        slope = _log_slope((0.0, _log(acc.compute_epsilon(sigma, q, steps, d, "rdp"))),
-                           (math.log(1.05), _log(acc.compute_epsilon(sigma * 1.05, q, steps, d,
-                                                                     "rdp"))), 1.0)
+        except lim.BudgetUnreachableError:  # RDP is almost always looser; let PLD decide.
+            sigma = lim.MAX_NOISE_MULTIPLIER
+        slope = _log_slope((0.0, _log(compute_epsilon(sigma, q, steps, d, "rdp"))),
+                           (math.log(1.05), _log(compute_epsilon(sigma * 1.05, q, steps, d,
+                                                                 "rdp"))), 1.0)
     sigma = _solve_sigma(_sigma_evaluator(accountant, setting, target, progress, start),
                          target, rel_tol, sigma, slope, setting)
-    eps = acc.compute_epsilon(sigma, q, steps, d, accountant)
+    eps = compute_epsilon(sigma, q, steps, d, accountant)
     if eps < (1.0 - rel_tol) * target:
         warnings.warn(
             f"target ε = {target:g} is not binding for q = {q:g}, T = {steps}, δ = {d:g}: even "
             f"the least noise searched, σ = {sigma:g}, gives ε = {eps:.4g}. σ = {sigma:g} is "
             "returned; a smaller target, or a smaller δ, would make the budget meaningful.",
-            acc.NonBindingTargetWarning, stacklevel=2)
+            lim.NonBindingTargetWarning, stacklevel=2)
     return sigma
 
 
 def _sigma_evaluator(kind: str, setting: tuple[float, int, float], target: float,
-                     progress: acc.Progress | None, start: float) -> Callable[[float], float]:
+                     progress: lim.Progress | None, start: float) -> Callable[[float], float]:
     """σ ↦ ε(σ, q, T, δ) with the ``kind`` accountant, reporting each call to ``progress``."""
     q, steps, delta = setting
 
     def eps(sigma: float) -> float:
-        e = acc.compute_epsilon(sigma, q, steps, delta, kind)
+        e = compute_epsilon(sigma, q, steps, delta, kind)
         if progress is not None:
             progress(f"calibrating σ ({kind}): σ = {sigma:.6g} -> ε = {e:.6g} (target "
                      f"{target:g}), {time.perf_counter() - start:.1f} s")
@@ -116,15 +118,15 @@ def _solve_sigma(eps: Callable[[float], float], target: float, rel_tol: float, s
         e = eps(sigma)
         points.append((math.log(sigma), _log(e)))
         if e > target:
-            if sigma >= acc.MAX_NOISE_MULTIPLIER:
+            if sigma >= lim.MAX_NOISE_MULTIPLIER:
                 q, steps, delta = setting
-                raise acc.BudgetUnreachableError(
+                raise lim.BudgetUnreachableError(
                     f"target ε = {target:g} is unreachable for q = {q:g}, T = {steps} steps, "
-                    f"δ = {delta:g}: even σ = {acc.MAX_NOISE_MULTIPLIER:g} exceeds it. Train for "
+                    f"δ = {delta:g}: even σ = {lim.MAX_NOISE_MULTIPLIER:g} exceeds it. Train for "
                     "fewer steps, use a smaller batch, or raise the target.")
             lo = points[-1]
         else:
-            if e >= (1.0 - rel_tol) * target or sigma <= acc.MIN_NOISE_MULTIPLIER:
+            if e >= (1.0 - rel_tol) * target or sigma <= lim.MIN_NOISE_MULTIPLIER:
                 return sigma
             hi, best = points[-1], sigma
         if lo is not None and hi is not None:
@@ -135,9 +137,9 @@ def _solve_sigma(eps: Callable[[float], float], target: float, rel_tol: float, s
                 slope = _log_slope(points[-2], points[-1], slope)
             x = points[-1][0] + _clamp_abs((points[-1][1] - aim) / slope, rel_tol / 4.0,
                                            math.log(4.0))
-        sigma = min(acc.MAX_NOISE_MULTIPLIER, max(acc.MIN_NOISE_MULTIPLIER, math.exp(x)))
+        sigma = min(lim.MAX_NOISE_MULTIPLIER, max(lim.MIN_NOISE_MULTIPLIER, math.exp(x)))
     if best is None:
-        raise acc.BudgetUnreachableError(f"no σ found with ε <= target ε = {target:g}.")
+        raise lim.BudgetUnreachableError(f"no σ found with ε <= target ε = {target:g}.")
     return best  # ε(best) <= target, but the search did not narrow down to rel_tol.
 
 
@@ -146,9 +148,9 @@ def max_steps_for_budget(
     noise_multiplier: float,
     sampling_rate: float,
     delta: float,
-    accountant: acc.AccountantKind = "rdp",
-    max_steps: int = acc.MAX_STEPS,
-    progress: acc.Progress | None = None,
+    accountant: lim.AccountantKind = "rdp",
+    max_steps: int = lim.MAX_STEPS,
+    progress: lim.Progress | None = None,
 ) -> int:
     """The largest T <= max_steps with ε(σ, q, T, δ) <= target (ε is non-decreasing in T).
 
@@ -163,15 +165,15 @@ def max_steps_for_budget(
     Raises:
       BudgetUnreachableError: if a single step already exceeds the target.
     """
-    target = acc.validate_target_epsilon(target_epsilon)
-    sigma = acc.validate_noise_multiplier(noise_multiplier)
-    q = acc.validate_sampling_rate(sampling_rate)
-    d, upper = acc.validate_delta(delta), acc.validate_steps(max_steps)
-    acc.validate_accountant(accountant)
+    target = lim.validate_target_epsilon(target_epsilon)
+    sigma = lim.validate_noise_multiplier(noise_multiplier)
+    q = lim.validate_sampling_rate(sampling_rate)
+    d, upper = lim.validate_delta(delta), lim.validate_steps(max_steps)
+    lim.validate_accountant(accountant)
     start = time.perf_counter()
 
     def eps(steps: int) -> float:
-        e = acc.compute_epsilon(sigma, q, steps, d, accountant)
+        e = compute_epsilon(sigma, q, steps, d, accountant)
         if progress is not None:
             progress(f"max steps ({accountant}): T = {steps} -> ε = {e:.6g} (target {target:g}), "
                      f"{time.perf_counter() - start:.1f} s")
@@ -179,16 +181,16 @@ def max_steps_for_budget(
 
     eps1 = eps(1)
     if eps1 > target:
-        raise acc.BudgetUnreachableError(
+        raise lim.BudgetUnreachableError(
             f"a single step with σ = {sigma:g}, q = {q:g} already spends ε = {eps1:.4g} > target "
             f"{target:g} (δ = {d:g}). Increase σ or decrease the batch size.")
     guess, exponent = 1, 0.5
     if accountant == "pld" and upper > 1:
         guess = max_steps_for_budget(target, sigma, q, d, "rdp", upper)
         if guess < upper:
-            exponent = _log_slope((0.0, _log(acc.compute_epsilon(sigma, q, guess, d, "rdp"))),
-                                  (math.log(2.0), _log(acc.compute_epsilon(sigma, q, guess * 2,
-                                                                           d, "rdp"))), 0.5)
+            exponent = _log_slope((0.0, _log(compute_epsilon(sigma, q, guess, d, "rdp"))),
+                                  (math.log(2.0), _log(compute_epsilon(sigma, q, guess * 2,
+                                                                       d, "rdp"))), 0.5)
     return _last_fitting_step(eps, target, (1, eps1), guess, upper, exponent)
 
 
