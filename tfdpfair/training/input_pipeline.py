@@ -37,8 +37,8 @@ STREAM_MESSAGE = (
     "DPModel.fit needs random access to the training examples: Poisson sampling decides for "
     "every example independently whether it joins a step, which a stream cannot do (shuffled "
     "fixed-size batches are a different mechanism, and the reported ε would be wrong). Pass "
-    "numpy arrays x, y; or a finite dataset materialised with "
-    "`x, y = tfdpfair.training.input_pipeline.materialize(dataset)`; or an index-addressable "
+    "numpy arrays x, y; or a finite dataset materialised with `x, y = "
+    "tfdpfair.training.input_pipeline.materialize(dataset, batched=...)`; or an index-addressable "
     "source (tfdpfair.data: ArraySource, TFDS via tfdpfair.data.tfds, CheXpert, MIMIC-CXR).")
 
 
@@ -144,32 +144,63 @@ def with_patients(data: TrainingData, patient_ids: Any, images_per_patient: int
                                images_per_patient=int(images_per_patient))
 
 
-def materialize(dataset: Any, max_examples: int = 10_000_000) -> tuple[np.ndarray, np.ndarray]:
+AMBIGUOUS_MESSAGE = (
+    "materialize() cannot tell whether the elements of this stream are batches or single "
+    "examples: every element is (x [{k}, ...], y [{k}, ...]), which is a batch of {k} examples "
+    "or one example whose label has {k} entries (one-hot or multi-label). Pass batched=True if "
+    "each element is a batch, batched=False if each element is one example.")
+
+
+def materialize(dataset: Any, *, batched: bool | None = None, max_examples: int = 10_000_000,
+                max_bytes: int = 4 * 1024 ** 3) -> tuple[np.ndarray, np.ndarray]:
     """Reads a finite stream of (x, y) examples or batches into numpy arrays x [N, ...], y [N, ...].
 
-    For ``tf.data.Dataset`` (batched or not), ``keras.utils.PyDataset`` or any iterable of
-    (x, y) pairs. Holds everything in memory; for datasets that do not fit, use an
-    IndexedSource instead. Raises if the stream yields more than ``max_examples`` examples.
+    For ``tf.data.Dataset``, ``keras.utils.PyDataset`` or any iterable of (x, y) pairs.
+    ``batched``: True if each element is a batch (x [b, ...], y [b, ...]), False if each is one
+    example. ``None`` decides only when the stream proves it: a scalar label, or x and y that
+    differ in their first dimension, means single examples; batches whose size varies between
+    elements means batches. Otherwise (every element (x [k, ...], y [k, ...]) for one k) the
+    stream is ambiguous and refused (:data:`AMBIGUOUS_MESSAGE`). A batched element whose x and
+    y differ in length is refused. Holds everything in memory: refuses a stream of more than
+    ``max_examples`` examples or ``max_bytes`` bytes (use an IndexedSource for such data).
+    Messages give shapes and counts only, never values.
     """
-    xs, ys, batched = [], [], None
-    count = 0
+    elements, count, nbytes = [], 0, 0
     iterable = dataset if not hasattr(dataset, "__getitem__") or isinstance(
         dataset, tf.data.Dataset) else (dataset[i] for i in range(len(dataset)))
     for element in iterable:
         if not isinstance(element, (tuple, list)) or len(element) < 2:
             raise ValueError("materialize() needs elements (x, y); got another structure.")
-        x, y = (np.asarray(element[0]), np.asarray(element[1]))
-        if batched is None:
-            batched = x.ndim > 0 and y.ndim > 0 and x.shape[0] == y.shape[0] and y.ndim >= 1
-        xs.append(x if batched else x[None])
-        ys.append(y if batched else y[None])
-        count += len(xs[-1])
-        if count > max_examples:
-            raise ValueError(f"the stream has more than {max_examples} examples; use an "
-                             "IndexedSource for data that does not fit in memory.")
-    if not xs:
+        x, y = np.asarray(element[0]), np.asarray(element[1])
+        elements.append((x, y))
+        count += len(x) if batched is not False and x.ndim else 1  # None: at most this
+        nbytes += x.nbytes + y.nbytes
+        if count > max_examples or nbytes > max_bytes:
+            raise ValueError(f"the stream has more than {max_examples} examples or "
+                             f"{max_bytes} bytes (is it repeated?); use an IndexedSource for "
+                             "data that does not fit in memory.")
+    if not elements:
         raise ValueError("the stream is empty.")
-    return np.concatenate(xs), np.concatenate(ys)
+    if batched is None:
+        batched = _infer_batched(elements)
+    if batched:
+        for x, y in elements:
+            if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+                raise ValueError(f"batched=True, but an element has x of shape {x.shape} and y "
+                                 f"of shape {y.shape} (not one label per example).")
+        return (np.concatenate([x for x, _ in elements]),
+                np.concatenate([y for _, y in elements]))
+    return np.stack([x for x, _ in elements]), np.stack([y for _, y in elements])
+
+
+def _infer_batched(elements: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+    """False/True when the elements prove it (see :func:`materialize`); raises otherwise."""
+    if any(x.ndim == 0 or y.ndim == 0 or len(x) != len(y) for x, y in elements):
+        return False
+    sizes = {len(x) for x, _ in elements}
+    if len(sizes) > 1:
+        return True
+    raise ValueError(AMBIGUOUS_MESSAGE.format(k=sizes.pop()))
 
 
 def dataset_fn(data: TrainingData, *, sampling_seed: int, sampling_rate: float,
