@@ -33,7 +33,7 @@ _LOG = logging.getLogger("tfdpfair.data")
 JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG"
 MISSING = "missing or unreadable file"
 NOT_AN_IMAGE = "not a JPEG/PNG file"
-CORRUPT = "truncated or corrupt image data (the decoder failed)"
+CORRUPT = "truncated or corrupt image data: the decoder failed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,15 +78,15 @@ def check_images(paths: Sequence[str], expected_channels: int | None = None,
     Args:
       paths: image files (JPEG or PNG).
       expected_channels: channels every decoded file must have (1: grayscale), or None.
-      progress_every: a progress line every this many files (default: every 10% or 10,000
-        files, whichever is fewer; at most ~10 lines plus a final one).
+      progress_every: a progress line every this many files (default: every 10% of the files,
+        but at least 500 and at most 10,000 files apart), plus a final line.
       what: how the files are named in the log lines.
     """
     paths = [str(p) for p in paths]
     n = len(paths)
     if n == 0:
         return []
-    every = progress_every or max(1, min(10_000, -(-n // 10)))
+    every = progress_every or min(10_000, max(500, -(-n // 10)))
     start, seen = time.time(), np.zeros(n, bool)
     bad: list[BadImage] = []
     dataset = (tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), paths))
