@@ -25,7 +25,7 @@ import tfdpfair
 import trainer_fixtures
 from tfdpfair.data import chexpert, image_check, mimic_cxr
 from tfdpfair.data.sources import ImageConfig
-from tfdpfair.training import input_pipeline, trainer, trainer_workdir
+from tfdpfair.training import input_pipeline, trainer, trainer_data, trainer_workdir
 from test_trainer import runlocal_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
@@ -84,6 +84,20 @@ def test_on_bad_skip_drops_the_file_before_n_is_counted(cx_root, tmp_path):
     assert metrics["num_private_examples"] == n
     assert metrics["delta"] == pytest.approx(1.0 / n)  # delta_policy 1/N uses the same N
     assert metrics["sampling_rate"] == pytest.approx(config.dp.expected_batch_size / n)
+
+
+def test_mimic_every_split_is_checked_and_skip_follows_the_config(tmp_path):
+    root, iv = trainer_fixtures.write_mimic(tmp_path / "mimic", subjects=15)
+    config = runlocal_config("mimic_cxr_nfnet_f0", {"mimic": (root, iv)}).data
+    test = mimic_cxr.load_mimic_cxr(root, "test", mimic_iv_dir=iv, verify_images=False)
+    bad = test.paths[0]
+    pathlib.Path(bad).write_bytes(pathlib.Path(bad).read_bytes()[:60])
+    with pytest.raises(ValueError, match=rf"{bad} \(truncated or corrupt"):
+        trainer_data.load_task_data(config, seed=0)
+    config.on_bad = "skip"
+    data = trainer_data.load_task_data(config, seed=0)
+    assert len(data.test) == len(test) - 1 and bad not in list(data.test.data.paths)
+    assert data.num_train == len(mimic_cxr.load_mimic_cxr(root, "train", verify_images=False))
 
 
 def test_bad_input_options_are_reachable_from_the_command_line():
