@@ -114,6 +114,19 @@ def test_bad_input_options_are_reachable_from_the_command_line():
         assert default.data.on_bad == "error" and default.data.verify_images is True
 
 
+def test_a_run_started_before_the_new_data_keys_still_resumes(cx_root, tmp_path):
+    config = runlocal_config("chexpert_nfnet_f0", {"chexpert": cx_root})
+    old = trainer_workdir.config_as_dict(config)
+    del old["data"]["on_bad"], old["data"]["verify_images"]
+    (tmp_path / trainer_workdir.CONFIG_FILE).write_text(json.dumps(old))
+    (tmp_path / trainer_workdir.CHECKPOINT_DIR).mkdir()  # the old run's artefacts
+    config.data.verify_images = False  # runtime-only: may differ between run and resumption
+    assert trainer_workdir.claim_workdir(tmp_path, config) is True
+    config.data.on_bad = "skip"  # changes N: a different run
+    with pytest.raises(trainer_workdir.WorkdirConfigMismatchError, match="data.on_bad"):
+        trainer_workdir.claim_workdir(tmp_path, config)
+
+
 def test_rgb_file_in_a_grayscale_dataset_is_refused_or_skipped(tmp_path, caplog):
     root = trainer_fixtures.write_chexpert(tmp_path / "data", patients=4)
     table = chexpert.read_chexpert_csv(root, verify_images=False)
