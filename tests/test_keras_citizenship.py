@@ -137,8 +137,8 @@ def test_streams_are_refused_with_the_helper_named_and_the_helper_works():
         expected_batch_size=10, micro_batch_size=5, noise_multiplier=1.0, delta=1e-3))
     dp.compile(optimizer="sgd", loss=LOSS)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-    with pytest.raises(StreamNotSupportedError, match="materialize"):
-        dp.fit(dataset, epochs=1, verbose=0)
+    with pytest.raises(StreamNotSupportedError, match="infinite"):  # finite ones are read
+        dp.fit(dataset.repeat(), epochs=1, verbose=0)
 
     class Seq(keras.utils.PyDataset):
         def __len__(self):
@@ -149,8 +149,8 @@ def test_streams_are_refused_with_the_helper_named_and_the_helper_works():
 
     with pytest.raises(StreamNotSupportedError, match="Poisson"):
         dp.fit(Seq(), epochs=1, verbose=0)
-    for stream in (dataset, dataset.unbatch(), Seq()):
-        got_x, got_y = materialize(stream)
+    for stream, batched in ((dataset, None), (dataset.unbatch(), None), (Seq(), True)):
+        got_x, got_y = materialize(stream, batched=batched)  # Seq: 3 x 20, ambiguous
         np.testing.assert_array_equal(got_x, x)
         np.testing.assert_array_equal(got_y, y)
     dp.fit(*materialize(dataset), steps=2, verbose=0)

@@ -272,3 +272,28 @@ def test_float_list_images_decode_like_numpy():
         float_list=tf.train.FloatList(value=p.ravel()))})).SerializeToString() for p in pixels]
     images = examples_lib.images_from_serialized(tf.constant(serialized), config.example_format)
     np.testing.assert_allclose(images.numpy(), pixels / 255.0 * 2.0 - 1.0, atol=1e-5)
+
+
+def test_bad_encoded_image_in_eval_files_is_refused_before_training(tfrecords, tmp_path,
+                                                                     monkeypatch):
+    """Invariant 10: eval records are otherwise read only after training spent the budget."""
+    root, splits = tfrecords
+    records = list(splits["eval"][2])
+    png = tf.io.encode_png(tf.constant(splits["eval"][0][3])).numpy()
+    records[3] = tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png[:len(png) // 2]])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
+        "ink": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"light"])),
+    })).SerializeToString()
+    bad_eval = tmp_path / "Split-eval" / "data_tfrecord-00000-of-00001.gz"
+    _write(bad_eval, records)
+    calls = []
+    monkeypatch.setattr(trainer_module, "make_private", lambda *a, **k: calls.append(a))
+    fn_args = _fn_args(root, tmp_path / "out", _custom_config(),
+                       eval_files=[str(tmp_path / "Split-eval" / "*")])
+    with pytest.raises(ValueError, match=rf"eval_files record.*{bad_eval} record 3 \("):
+        trainer_module.run_fn(fn_args)
+    assert calls == [] and not os.path.exists(fn_args.serving_model_dir)
+    assert examples_lib.check_encoded_images(
+        examples_lib.resolve_files(fn_args.train_files, "train_files"),
+        from_custom_config(_custom_config()).example_format, "train_files") == 60

@@ -26,6 +26,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.image_size = 224  # UNPUBLISHED
     config.data.channels = 3
     config.data.normalization = "imagenet"
+    config.data.verify_images = True  # decode every image of every split before the plan
+    config.data.on_bad = "error"  # a bad file stops the run; "skip" drops it before N counts
     config.data.uncertain_policy = "zeros"  # published: uncertain and blank -> 0
 
     # Dropout and stochastic depth: the NFNet paper's F0 values. Initial weights: pass

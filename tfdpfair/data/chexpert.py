@@ -50,6 +50,7 @@ CSV_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABEL
 DEMO_FILE = "CHEXPERT DEMO.xlsx"
 DEMO_COLUMNS = ("PATIENT", "PRIMARY_RACE", "ETHNICITY")
 SPLITS = ("train", "validation", "test", "valid", "train_all")
+FILE_CHANNELS = 1  # CheXpert JPEGs are grayscale; verify_images refuses other channel counts
 _PATIENT = re.compile(r"^patient\d+$")
 
 
@@ -203,7 +204,7 @@ def _label_rows(frame: pd.DataFrame, where: str, report: tables.LoadReport, on_b
 
 def read_chexpert_csv(root: str, csv_name: str = "train.csv", *, frontal_only: bool = False,
                       demo_path: str | None = "auto", on_bad: str = "error",
-                      check_files: bool = True, verify_images: bool = False,
+                      check_files: bool = True, verify_images: bool = True,
                       report: tables.LoadReport | None = None) -> pd.DataFrame:
     """Parses one CheXpert CSV into a table, one row per image kept.
 
@@ -211,6 +212,9 @@ def read_chexpert_csv(root: str, csv_name: str = "train.csv", *, frontal_only: b
     NaN if missing), ``age_bin``, ``race`` (bin; only when a demo file is used), ``frontal``
     (bool), ``ap_pa`` and the 14 raw label columns (1, 0, -1 or NaN). Removed rows (lateral
     views with ``frontal_only``, and bad rows with ``on_bad='skip'``) are counted in ``report``.
+    ``check_files`` checks that every image exists; ``verify_images`` (default) also decodes every
+    image once (tfdpfair.data.image_check: JPEG/PNG, complete, FILE_CHANNELS channels), so a bad
+    file is refused, or dropped with ``on_bad='skip'``, before anything counts N.
     """
     tables.check_on_bad(on_bad)
     report = report if report is not None else tables.LoadReport()
@@ -241,7 +245,7 @@ def read_chexpert_csv(root: str, csv_name: str = "train.csv", *, frontal_only: b
     table = table[keep].reset_index(drop=True)
     if check_files or verify_images:
         exists = tables.check_image_files(table["path"].to_numpy(), verify_images, report,
-                                          on_bad)
+                                          on_bad, FILE_CHANNELS)
         table = table[exists]
     return table.reset_index(drop=True)
 
@@ -262,11 +266,11 @@ def to_source(table: pd.DataFrame, image_config: ImageConfig, policy: str | Unce
 
 def load_chexpert_splits(root: str, *, image_config: ImageConfig = ImageConfig(),
                          policy: str | UncertainPolicy = UncertainPolicy.PAPER,
-                         smoothing: tuple[float, float] | None = None,
+                         smoothing: tuple[float, float] | None | dict = None,
                          frontal_only: bool = False, seed: int = 0,
                          fractions: Sequence[float] = (0.8, 0.1, 0.1),
                          demo_path: str | None = "auto", on_bad: str = "error",
-                         check_files: bool = True, verify_images: bool = False,
+                         check_files: bool = True, verify_images: bool = True,
                          with_official_valid: bool = True) -> dict[str, ImageFileSource]:
     """Patient-level "train"/"validation"/"test" of train.csv (+ official "valid").
 
@@ -283,12 +287,15 @@ def load_chexpert_splits(root: str, *, image_config: ImageConfig = ImageConfig()
     where = os.path.join(root, "train.csv")
     all_paths = pd.read_csv(where, usecols=["Path"], dtype=str)["Path"]
     parts = tables.split_patients(patient_ids(all_paths, where), fractions, seed)
+    per_split = smoothing if isinstance(smoothing, dict) else None
+    smoothing_of = (lambda name: per_split.get(name)) if per_split is not None else (
+        lambda name: smoothing)
     out = {name: to_source(table[table["patient"].isin(part)].reset_index(drop=True),
-                           image_config, policy, smoothing, report)
+                           image_config, policy, smoothing_of(name), report)
            for name, part in zip(("train", "validation", "test"), parts)}
     if with_official_valid:
         valid = read_chexpert_csv(root, "valid.csv", **kwargs)
-        out["valid"] = to_source(valid, image_config, policy, smoothing, report)
+        out["valid"] = to_source(valid, image_config, policy, smoothing_of("valid"), report)
     return out
 
 
@@ -298,7 +305,7 @@ def load_chexpert(root: str, split: str = "train", *,
                   smoothing: tuple[float, float] | None = None, frontal_only: bool = False,
                   seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1),
                   demo_path: str | None = "auto", on_bad: str = "error",
-                  check_files: bool = True, verify_images: bool = False) -> ImageFileSource:
+                  check_files: bool = True, verify_images: bool = True) -> ImageFileSource:
     """One split ("train", "validation", "test", "valid" or "train_all") as an
     :class:`~tfdpfair.data.sources.ImageFileSource`; arguments as :func:`load_chexpert_splits`.
     """

@@ -47,6 +47,7 @@ METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
 CHEXPERT_CSV = "mimic-cxr-2.0.0-chexpert.csv"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
 SPLITS = ("train", "validate", "test")
+FILE_CHANNELS = 1  # MIMIC-CXR-JPG images are grayscale; verify_images refuses other counts
 _HINT = "root must be the MIMIC-CXR-JPG directory (with files/ and the mimic-cxr-2.0.0-*.csv)."
 _log = logging.getLogger("tfdpfair.data")
 
@@ -185,11 +186,15 @@ def _add_demographics(meta: pd.DataFrame, mimic_iv_dir: str, age_at_study: bool)
 
 def read_mimic_cxr_table(root: str, split: str = "train", *, mimic_iv_dir: str | None = None,
                          views: Sequence[str] | None = ("PA", "AP"), on_bad: str = "error",
-                         check_files: bool = True, verify_images: bool = False,
+                         check_files: bool = True, verify_images: bool = True,
                          age_at_study: bool = True,
                          report: tables.LoadReport | None = None) -> pd.DataFrame:
     """One official split as a table: path, dicom_id, subject_id, study_id, ViewPosition, raw
-    labels (1, 0, -1, NaN) and, with ``mimic_iv_dir``, sex, age, age_bin, race, insurance."""
+    labels (1, 0, -1, NaN) and, with ``mimic_iv_dir``, sex, age, age_bin, race, insurance.
+
+    ``check_files`` checks that every image of the split exists; ``verify_images`` (default)
+    also decodes each once (tfdpfair.data.image_check: JPEG/PNG, complete, FILE_CHANNELS
+    channels); bad files are refused, or dropped with ``on_bad='skip'`` before N is counted."""
     if split not in SPLITS:
         raise ValueError(f"unknown MIMIC-CXR split {split!r}; choose from {SPLITS}.")
     tables.check_on_bad(on_bad)
@@ -211,7 +216,7 @@ def read_mimic_cxr_table(root: str, split: str = "train", *, mimic_iv_dir: str |
         _add_demographics(meta, mimic_iv_dir, age_at_study)
     if check_files or verify_images:
         keep = tables.check_image_files(meta["path"].to_numpy(), verify_images, report,
-                                        on_bad)
+                                        on_bad, FILE_CHANNELS)
         meta = meta[keep]
     return meta.reset_index(drop=True)
 
@@ -220,7 +225,7 @@ def load_mimic_cxr(root: str, split: str = "train", *, mimic_iv_dir: str | None 
                    image_config: ImageConfig = ImageConfig(),
                    policy: str | UncertainPolicy = UncertainPolicy.ZEROS,
                    views: Sequence[str] | None = ("PA", "AP"), on_bad: str = "error",
-                   check_files: bool = True, verify_images: bool = False,
+                   check_files: bool = True, verify_images: bool = True,
                    age_at_study: bool = True) -> ImageFileSource:
     """An official MIMIC-CXR split ("train", "validate", "test") as an index-addressable source.
 

@@ -73,24 +73,6 @@ def patient_split(patient_ids: Sequence[str], fractions: Sequence[float] = (0.8,
             for part in split_patients(ids, fractions, seed)]
 
 
-def verify_image_files(paths: Sequence[str]) -> list[tuple[int, str, str]]:
-    """Fully decodes every file with PIL; returns (row, path, error) for each unreadable one.
-
-    Costs one decode per image: run it once on a new copy of a dataset (loaders do so when
-    ``verify_images=True``).
-    """
-    from PIL import Image  # local import: only needed for verification
-
-    bad = []
-    for row, path in enumerate(paths):
-        try:
-            with Image.open(path) as im:
-                im.load()
-        except Exception as err:  # pylint: disable=broad-except
-            bad.append((row, str(path), f"{type(err).__name__}: {err}"))
-    return bad
-
-
 def resolve_file(directory: Any, name: str, hint: str) -> str:
     """``directory/name`` or ``directory/name.gz``; raises FileNotFoundError with ``hint``."""
     for candidate in (os.path.join(directory, name), os.path.join(directory, name + ".gz")):
@@ -123,12 +105,15 @@ def filter_rows(keep: np.ndarray, reason: str, names: Sequence[str], report: Loa
     return keep
 
 
-def check_image_files(paths: np.ndarray, verify: bool, report: LoadReport, on_bad: str
-                      ) -> np.ndarray:
-    """Boolean mask of rows whose image file exists (and, with ``verify``, decodes with PIL).
+def check_image_files(paths: np.ndarray, verify: bool, report: LoadReport, on_bad: str,
+                      expected_channels: int | None = None) -> np.ndarray:
+    """Boolean mask of rows whose image file exists and, with ``verify``, passes
+    :func:`tfdpfair.data.image_check.check_images` (decodes completely as JPEG/PNG with the
+    training pipeline's decoder; ``expected_channels`` channels if given).
 
-    Missing or corrupt files raise ValueError naming one of them (``on_bad="error"``) or are
-    counted in ``report`` under "missing image file" / "corrupt image file" (``"skip"``).
+    Missing or bad files raise ValueError naming one of them and the reason
+    (``on_bad="error"``) or are removed and counted in ``report`` under "missing image file" /
+    "corrupt image file" (``"skip"``), so the caller's N never counts them.
     """
     paths = np.asarray(paths, dtype=object)
     exists = np.array([os.path.exists(p) for p in paths], bool)
@@ -137,11 +122,15 @@ def check_image_files(paths: np.ndarray, verify: bool, report: LoadReport, on_ba
         "root, or pass on_bad='skip' to skip them."))
     if not verify:
         return exists
-    ok = np.ones(len(paths), bool)
+    from tfdpfair.data import image_check  # TensorFlow: only when verifying
+
+    ok, names = np.ones(len(paths), bool), [str(p) for p in paths]
     present = np.flatnonzero(exists)
-    for row, path, err in verify_image_files(paths[present]):
-        ok[present[row]] = False
-        logging.getLogger("tfdpfair.data").warning("corrupt image %s: %s", path, err)
-    filter_rows(ok, "corrupt image file", list(paths), report, on_bad, lambda m: (
-        f"{len(m)} corrupt image file(s), e.g. {m[0]}. Re-download them or pass on_bad='skip'."))
+    for bad in image_check.check_images(paths[present], expected_channels):
+        ok[present[bad.row]] = False
+        names[present[bad.row]] = str(bad)
+    filter_rows(ok, "corrupt image file", names, report, on_bad, lambda m: (
+        f"{len(m)} corrupt image file(s), e.g. {m[0]}; every file was checked before training. "
+        "Re-download or replace them, or pass on_bad='skip' (config: --config.data.on_bad=skip) "
+        "to drop them before N is counted."))
     return exists & ok

@@ -230,3 +230,42 @@ def load_training_examples(files: Sequence[str], fmt: ExampleFormat, task: str,
         raise RuntimeError(f"counted {num_examples} training examples but decoded "
                            f"{len(examples)}: were the files changed while reading?")
     return examples
+
+
+def check_encoded_images(files: Sequence[str], fmt: ExampleFormat, what: str) -> int:
+    """Decodes the image of every record of ``files`` once; returns the record count.
+
+    Run before the DP plan is fixed, on the training and the evaluation files alike, so a
+    record whose image feature is missing, not a JPEG/PNG or truncated is refused before any
+    budget is spent (evaluation files are otherwise read only after training). Raises
+    ValueError naming the file and record number (0-based) of up to five bad records and the
+    reason; no image bytes or values. Float-list images (``encoding="float"``) are not decoded
+    and not checked here (their length is checked when they are parsed).
+    """
+    if fmt.encoding != "encoded":
+        return count_examples(files)
+    spec = {fmt.image_key: tf.io.FixedLenFeature([], tf.string)}
+
+    def decode(position, serialized):
+        raw = tf.io.parse_single_example(serialized, spec)[fmt.image_key]
+        image = tf.io.decode_image(raw, channels=0, expand_animations=False)
+        return position, tf.strings.substr(raw, 0, 4), tf.size(image) > 0
+
+    bad, total = [], 0
+    for path in files:
+        n = count_examples([path])
+        seen = np.zeros(n, bool)
+        decoded = (record_dataset([path]).enumerate()
+                   .map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors())
+        for position, head, _ in decoded.as_numpy_iterator():
+            seen[position] = True
+            if not (head[:3] == b"\xff\xd8\xff" or head == b"\x89PNG"):
+                bad.append(f"{path} record {position} (not a JPEG/PNG image)")
+        bad += [f"{path} record {i} (image feature {fmt.image_key!r} missing, or truncated or "
+                "corrupt image data)" for i in np.flatnonzero(~seen)]
+        total += n
+    if bad:
+        raise ValueError(f"{len(bad)} {what} record(s) have an image that cannot be decoded, "
+                         f"e.g. {bad[:5]}; every record was checked before training and nothing "
+                         "was spent. Rewrite or remove these records.")
+    return total

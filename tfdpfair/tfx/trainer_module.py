@@ -8,7 +8,9 @@ ExampleGen writes them), ``train_steps``, ``eval_steps``, ``schema_path`` / ``sc
 
 What it does, in order:
 1. validates custom_config (before any data is read);
-2. counts the training examples and materialises them in memory (DP-SGD needs random access
+2. decodes the image of every training and evaluation record once (a bad record is refused,
+   named by file and number, before anything is spent), then counts the training examples and
+   materialises them in memory (DP-SGD needs random access
    and a known N; over the memory limit it refuses and names the alternative) - it never
    samples from the stream, and it refuses a stream-only input (a data_accessor without files);
 3. builds the model (a models/registry.py name, fine-tuning mode, initial weights);
@@ -249,6 +251,7 @@ def run_fn(fn_args: Any) -> RunResult:
         log.warning("fn_args.hyperparameters (from a Tuner) are ignored: set the values in "
                     "custom_config. Tuning on the private data is not covered by the DP "
                     "guarantee.")
+    check_images(fn_args, config)  # every split's images, before the plan is fixed
     dp, num_train = train(fn_args, config)
     privacy = export_lib.privacy_record_of(dp, config.export_weights)
     metrics, fairness, num_eval = {}, None, 0
@@ -268,6 +271,18 @@ def run_fn(fn_args: Any) -> RunResult:
     _write_run_summary(fn_args, privacy, metrics, fairness)
     return RunResult(dp, config, privacy, _arg(fn_args, "train_steps"), metrics, fairness,
                      serving_dir)
+
+
+def check_images(fn_args: Any, config: TFXTrainerConfig) -> None:
+    """Decodes every encoded image of train_files and eval_files once, before any DP plan or
+    step exists (DESIGN.md invariant 10); a bad record is refused, named by file and number."""
+    splits = [("train_files", fn_args.train_files)]
+    if getattr(fn_args, "eval_files", None):
+        splits.append(("eval_files", fn_args.eval_files))
+    for what, patterns in splits:
+        count = examples_lib.check_encoded_images(
+            examples_lib.resolve_files(patterns, what), config.example_format, what)
+        log.info("checked the images of %d %s records", count, what)
 
 
 def _write_run_summary(fn_args: Any, privacy: dict[str, Any], metrics: dict[str, float],

@@ -177,13 +177,28 @@ def _call(dp_model, loop: DPStepLoop, iterator, step: int, count: int) -> dict:
             raise guards.DPUsageError(ours) from None
         _count_failed_step(loop)
         release_binding.record(dp_model)
+        op = getattr(error.op, "type", None) if error.op is not None else None
+        in_input = op in _INPUT_OPS or any(m in message for m in _INPUT_MARKERS)
         raise RuntimeError(
-            f"a DP training step failed inside TensorFlow ({type(error).__name__} in op "
-            f"{getattr(error.op, 'type', '?') if error.op is not None else '?'}). Its message is "
+            f"a DP training step failed inside TensorFlow ({type(error).__name__} in "
+            f"{'the input pipeline' if in_input else 'op ' + (op or '?')}). Its message is "
             "withheld because it can contain values of private examples; the step counter "
-            "already counts the failed step. Inputs were validated before training, so check "
-            "the model and the loss on public data (e.g. model.evaluate on a public batch)."
+            "already counts the failed step. " + (
+                "An input file could not be read or decoded (corrupt, truncated or not an "
+                "image): TensorFlow's log above (stderr) may name it; run the image check "
+                "(tfdpfair.data.image_check.check_images(source.paths), or load the data with "
+                "verify_images=True), fix or drop the file (on_bad='skip') and start a new run."
+                if in_input else
+                "Inputs were validated before training, so check the model and the loss on "
+                "public data (e.g. model.evaluate on a public batch).")
         ) from None
+
+
+# Ops and error-text markers (matched, never echoed) of reading and decoding training inputs.
+_INPUT_OPS = ("IteratorGetNext", "IteratorGetNextAsOptional", "MultiDeviceIteratorGetNextFromShard",
+              "ReadFile", "DecodeImage", "DecodeJpeg", "DecodePng", "DecodeAndCropJpeg")
+_INPUT_MARKERS = ("Iterator::", "IteratorGetNext", "jpeg::", "png::", "DecodeJpeg", "DecodePng",
+                  "DecodeImage", "ReadFile", "Not a JPEG/PNG image")
 
 
 def _count_failed_step(loop: DPStepLoop) -> None:

@@ -2,9 +2,10 @@
 
 Poisson sampling draws example *indices* at every logical step, so the training set must be
 random-access: numpy arrays, or a tfdpfair ``IndexedSource`` (CheXpert, MIMIC-CXR, TFDS arrays).
-A stream (``tf.data.Dataset``, ``keras.utils.PyDataset``, a generator) cannot be Poisson-sampled,
-and shuffled fixed-size batches are a different mechanism with a different ε; materialise a
-finite stream first with :func:`materialize`.
+A stream cannot be Poisson-sampled, and shuffled fixed-size batches are a different mechanism
+with a different ε: a finite ``tf.data.Dataset`` is read into memory first (its batches, if
+any, undone); an infinite one, ``keras.utils.PyDataset`` and generators are refused (materialise
+a finite stream with :func:`materialize`).
 
 The pipeline runs in TensorFlow only (no Python on the training path, as TPU hosts need). For
 logical step t it draws the sample from (sampling seed, t) (privacy/sampling.py), pads it to
@@ -18,6 +19,7 @@ consecutive elements to a host's replicas. The per-host shards partition the ste
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import numpy as np
@@ -26,6 +28,7 @@ import tensorflow as tf
 from tfdpfair.privacy import sampling
 from tfdpfair.training import patients as patients_lib
 
+_LOG = logging.getLogger("tfdpfair.training")
 GatherFn = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 
@@ -37,8 +40,9 @@ STREAM_MESSAGE = (
     "DPModel.fit needs random access to the training examples: Poisson sampling decides for "
     "every example independently whether it joins a step, which a stream cannot do (shuffled "
     "fixed-size batches are a different mechanism, and the reported ε would be wrong). Pass "
-    "numpy arrays x, y; or a finite dataset materialised with "
-    "`x, y = tfdpfair.training.input_pipeline.materialize(dataset)`; or an index-addressable "
+    "numpy arrays x, y; a finite tf.data.Dataset of (x, y) (read into memory); or a finite "
+    "stream materialised with `x, y = "
+    "tfdpfair.training.input_pipeline.materialize(dataset, batched=...)`; or an index-addressable "
     "source (tfdpfair.data: ArraySource, TFDS via tfdpfair.data.tfds, CheXpert, MIMIC-CXR).")
 
 
@@ -88,9 +92,48 @@ def is_stream(data: Any) -> bool:
     return hasattr(data, "__next__") or (hasattr(data, "__iter__") and not hasattr(data, "__len__"))
 
 
+INFINITE_MESSAGE = (
+    "DPModel.fit was given an infinite tf.data.Dataset (repeat() or similar): DP-SGD needs the "
+    "N training examples once each, to Poisson-sample them and to count N for the accountant. "
+    "Remove repeat() (epochs/steps of fit decide how long training runs).")
+
+
+def dataset_arrays(dataset: tf.data.Dataset, max_examples: int = 10_000_000,
+                   max_bytes: int = 4 * 1024 ** 3) -> tuple[np.ndarray, np.ndarray]:
+    """A finite ``tf.data.Dataset`` of (x, y) examples or batches -> numpy x [N, ...], y [N, ...].
+
+    Refuses an infinite dataset (``cardinality() == INFINITE_CARDINALITY``) before reading
+    anything; one of unknown cardinality is read up to the :func:`materialize` limits
+    (``max_examples``, ``max_bytes``), which also stop an infinite one that TensorFlow cannot
+    recognise. Batched or not is decided as :func:`materialize` does (an ambiguous dataset is
+    refused). Logs how many examples were read.
+    """
+    if int(dataset.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+        raise StreamNotSupportedError(INFINITE_MESSAGE)
+    try:
+        x, y = materialize(dataset, max_examples=max_examples, max_bytes=max_bytes)
+    except ValueError as error:
+        raise ValueError(f"DPModel.fit could not read the tf.data.Dataset into memory: {error} "
+                         "Or call fit(*tfdpfair.training.input_pipeline.materialize(dataset, "
+                         "batched=...)).") from None
+    _LOG.info("DPModel.fit read %d examples (%.1f MiB) from a tf.data.Dataset into memory",
+              len(x), (x.nbytes + y.nbytes) / 2 ** 20)
+    return x, y
+
+
 def training_data(x: Any, y: Any = None, image_key: str = "image",
                   label_key: str = "label") -> TrainingData:
-    """Wraps fit()'s (x, y) into :class:`TrainingData`, refusing what cannot be sampled."""
+    """Wraps fit()'s (x, y) into :class:`TrainingData`, refusing what cannot be sampled.
+
+    x: numpy arrays (with y), an IndexedSource (y=None), or a finite ``tf.data.Dataset`` of
+    (x, y) examples or batches (y=None), read into memory by :func:`dataset_arrays`; infinite
+    datasets and other streams are refused.
+    """
+    if isinstance(x, tf.data.Dataset):
+        if y is not None:
+            raise ValueError("with a tf.data.Dataset the labels come from its (x, y) elements; "
+                             "pass y=None.")
+        x, y = dataset_arrays(x)
     if is_indexed_source(x):
         if y is not None:
             raise ValueError("with an IndexedSource the labels come from the source; pass y=None.")
@@ -144,32 +187,63 @@ def with_patients(data: TrainingData, patient_ids: Any, images_per_patient: int
                                images_per_patient=int(images_per_patient))
 
 
-def materialize(dataset: Any, max_examples: int = 10_000_000) -> tuple[np.ndarray, np.ndarray]:
+AMBIGUOUS_MESSAGE = (
+    "materialize() cannot tell whether the elements of this stream are batches or single "
+    "examples: every element is (x [{k}, ...], y [{k}, ...]), which is a batch of {k} examples "
+    "or one example whose label has {k} entries (one-hot or multi-label). Pass batched=True if "
+    "each element is a batch, batched=False if each element is one example.")
+
+
+def materialize(dataset: Any, *, batched: bool | None = None, max_examples: int = 10_000_000,
+                max_bytes: int = 4 * 1024 ** 3) -> tuple[np.ndarray, np.ndarray]:
     """Reads a finite stream of (x, y) examples or batches into numpy arrays x [N, ...], y [N, ...].
 
-    For ``tf.data.Dataset`` (batched or not), ``keras.utils.PyDataset`` or any iterable of
-    (x, y) pairs. Holds everything in memory; for datasets that do not fit, use an
-    IndexedSource instead. Raises if the stream yields more than ``max_examples`` examples.
+    For ``tf.data.Dataset``, ``keras.utils.PyDataset`` or any iterable of (x, y) pairs.
+    ``batched``: True if each element is a batch (x [b, ...], y [b, ...]), False if each is one
+    example. ``None`` decides only when the stream proves it: a scalar label, or x and y that
+    differ in their first dimension, means single examples; batches whose size varies between
+    elements means batches. Otherwise (every element (x [k, ...], y [k, ...]) for one k) the
+    stream is ambiguous and refused (:data:`AMBIGUOUS_MESSAGE`). A batched element whose x and
+    y differ in length is refused. Holds everything in memory: refuses a stream of more than
+    ``max_examples`` examples or ``max_bytes`` bytes (use an IndexedSource for such data).
+    Messages give shapes and counts only, never values.
     """
-    xs, ys, batched = [], [], None
-    count = 0
+    elements, count, nbytes = [], 0, 0
     iterable = dataset if not hasattr(dataset, "__getitem__") or isinstance(
         dataset, tf.data.Dataset) else (dataset[i] for i in range(len(dataset)))
     for element in iterable:
         if not isinstance(element, (tuple, list)) or len(element) < 2:
             raise ValueError("materialize() needs elements (x, y); got another structure.")
-        x, y = (np.asarray(element[0]), np.asarray(element[1]))
-        if batched is None:
-            batched = x.ndim > 0 and y.ndim > 0 and x.shape[0] == y.shape[0] and y.ndim >= 1
-        xs.append(x if batched else x[None])
-        ys.append(y if batched else y[None])
-        count += len(xs[-1])
-        if count > max_examples:
-            raise ValueError(f"the stream has more than {max_examples} examples; use an "
-                             "IndexedSource for data that does not fit in memory.")
-    if not xs:
+        x, y = np.asarray(element[0]), np.asarray(element[1])
+        elements.append((x, y))
+        count += len(x) if batched is not False and x.ndim else 1  # None: at most this
+        nbytes += x.nbytes + y.nbytes
+        if count > max_examples or nbytes > max_bytes:
+            raise ValueError(f"the stream has more than {max_examples} examples or "
+                             f"{max_bytes} bytes (is it repeated?); use an IndexedSource for "
+                             "data that does not fit in memory.")
+    if not elements:
         raise ValueError("the stream is empty.")
-    return np.concatenate(xs), np.concatenate(ys)
+    if batched is None:
+        batched = _infer_batched(elements)
+    if batched:
+        for x, y in elements:
+            if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+                raise ValueError(f"batched=True, but an element has x of shape {x.shape} and y "
+                                 f"of shape {y.shape} (not one label per example).")
+        return (np.concatenate([x for x, _ in elements]),
+                np.concatenate([y for _, y in elements]))
+    return np.stack([x for x, _ in elements]), np.stack([y for _, y in elements])
+
+
+def _infer_batched(elements: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+    """False/True when the elements prove it (see :func:`materialize`); raises otherwise."""
+    if any(x.ndim == 0 or y.ndim == 0 or len(x) != len(y) for x, y in elements):
+        return False
+    sizes = {len(x) for x, _ in elements}
+    if len(sizes) > 1:
+        return True
+    raise ValueError(AMBIGUOUS_MESSAGE.format(k=sizes.pop()))
 
 
 def dataset_fn(data: TrainingData, *, sampling_seed: int, sampling_rate: float,

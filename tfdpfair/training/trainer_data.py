@@ -11,7 +11,11 @@
                random-access (Poisson sampling needs it).
 
 Every reader is called before the model is built or any privacy budget spent, so a missing
-directory or a file in the wrong layout fails first, with the reader's own message.
+directory or a file in the wrong layout fails first, with the reader's own message. For CheXpert
+and MIMIC-CXR every image file of every split the run reads (train, validation, test) is also
+decoded once here (``config.data.verify_images``, default True; tfdpfair/data/image_check.py):
+a bad file is named and refused, or with ``config.data.on_bad="skip"`` dropped before N is
+counted (the DP plan's N is then the count without it).
 """
 
 from __future__ import annotations
@@ -88,6 +92,12 @@ def _digits(data_config: Any, seed: int) -> TaskData:
                     public=(data.public.images, data.public.labels))
 
 
+def _bad_input(data_config: Any) -> dict[str, Any]:
+    """The loaders' bad-input options from config.data (both default to the safe choice)."""
+    return dict(on_bad=data_config.get("on_bad", "error"),
+                verify_images=bool(data_config.get("verify_images", True)))
+
+
 def _file_split(name: str, source: Any) -> EvalSplit:
     groups = {g: np.asarray(source.group_names[g], dtype=object)[codes].astype(str)
               for g, codes in source.groups.items()}
@@ -97,24 +107,24 @@ def _file_split(name: str, source: Any) -> EvalSplit:
 
 def _chexpert(data_config: Any, seed: int) -> TaskData:
     from tfdpfair.data import chexpert
-    common = dict(image_config=_image_config(data_config), policy=data_config.uncertain_policy,
-                  frontal_only=bool(data_config.frontal_only), seed=seed,
-                  with_official_valid=False)
     smoothing = data_config.get("train_label_smoothing", None)
-    train = chexpert.load_chexpert_splits(
-        data_config.root, smoothing=tuple(smoothing) if smoothing else None, **common)["train"]
-    held_out = chexpert.load_chexpert_splits(data_config.root, smoothing=None, **common)
+    splits = chexpert.load_chexpert_splits(  # one read and one image check of train.csv
+        data_config.root, image_config=_image_config(data_config),
+        policy=data_config.uncertain_policy, frontal_only=bool(data_config.frontal_only),
+        seed=seed, with_official_valid=False, **_bad_input(data_config),
+        smoothing={"train": tuple(smoothing) if smoothing else None})  # held-out: unsmoothed
+    train = splits["train"]
     return TaskData(train, "multilabel", chexpert.CHEXPERT_LABELS,
                     tuple(train.element_spec["image"].shape),
-                    _file_split("test", held_out["test"]),
-                    _file_split("validation", held_out["validation"]),
+                    _file_split("test", splits["test"]),
+                    _file_split("validation", splits["validation"]),
                     eval_tasks=chexpert.EVAL_TASKS)
 
 
 def _mimic_cxr(data_config: Any, seed: int) -> TaskData:
     from tfdpfair.data import chexpert, mimic_cxr
     kwargs = dict(mimic_iv_dir=data_config.mimic_iv_dir, image_config=_image_config(data_config),
-                  policy=data_config.uncertain_policy)
+                  policy=data_config.uncertain_policy, **_bad_input(data_config))
     train = mimic_cxr.load_mimic_cxr(data_config.root, "train", **kwargs)
     return TaskData(train, "multilabel", mimic_cxr.MIMIC_LABELS,
                     tuple(train.element_spec["image"].shape),

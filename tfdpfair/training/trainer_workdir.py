@@ -25,7 +25,10 @@ PRETRAINED_FILE = "pretrained.weights.h5"
 NON_PRIVATE_FILE = "non_private.weights.h5"
 NON_PRIVATE_BACKUP = "non_private_backup"
 RUNTIME_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps",
-                "train.eval_every_steps", "train.steps_per_execution", "train.eval_batch_size")
+                "train.eval_every_steps", "train.steps_per_execution", "train.eval_batch_size",
+                "data.verify_images")  # the image check refuses or passes; it changes nothing
+# Keys added after runs were written: absent from an older config.json means this value.
+ADDED_KEYS = {"data.on_bad": "error"}
 
 
 class WorkdirConfigMismatchError(ValueError):
@@ -49,6 +52,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(old: dict, new: dict) -> list[str]:
     """'key: old -> new' for every non-runtime key whose value differs."""
     a, b = _flatten(old), _flatten(new)
+    a.update({k: v for k, v in ADDED_KEYS.items() if k in b and k not in a})
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
             for k in sorted(set(a) | set(b)) if k not in RUNTIME_KEYS and a.get(k) != b.get(k)]
 
