@@ -25,10 +25,13 @@ import tfdpfair
 import trainer_fixtures
 from tfdpfair.data import chexpert, image_check, mimic_cxr
 from tfdpfair.data.sources import ImageConfig
-from tfdpfair.training import input_pipeline, trainer, trainer_data, trainer_workdir
+from tfdpfair.trainer import runner as trainer
+from tfdpfair.trainer import task_data as trainer_data
+from tfdpfair.trainer import workdir as trainer_workdir
+from tfdpfair.training import input_pipeline
 from test_trainer import runlocal_config
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "tfdpfair" / "configs"
 
 
 @pytest.fixture()
@@ -110,7 +113,7 @@ def test_bad_input_options_are_reachable_from_the_command_line():
         values(argv)
         assert values.config.data.on_bad == "skip"
         assert values.config.data.verify_images is False
-        default = importlib.import_module(f"experiments.configs.{name}").get_config()
+        default = importlib.import_module(f"tfdpfair.configs.{name}").get_config()
         assert default.data.on_bad == "error" and default.data.verify_images is True
 
 

@@ -1,4 +1,4 @@
-"""The experiment trainer (tfdpfair/training/trainer.py) and every experiment config.
+"""The experiment trainer (tfdpfair/trainer/runner.py) and every experiment config.
 
 Runs ``train_and_evaluate`` in-process on each config's ``runlocal`` variant with tiny data in
 the real formats: CheXpert and MIMIC-CXR directories written here, TFDS through
@@ -18,7 +18,8 @@ import tensorflow_datasets as tfds
 import trainer_fixtures
 from dp_reference import reference_epsilon
 from tfdpfair.fairness import run_io
-from tfdpfair.training import trainer, trainer_workdir
+from tfdpfair.trainer import runner as trainer
+from tfdpfair.trainer import workdir as trainer_workdir
 
 CONFIGS = ("demo", "chexpert_nfnet_f0", "mimic_cxr_nfnet_f0", "imagenet_nfnet_f3",
            "places365_nfnet", "cifar10_wrn_16_4", "cifar100_wrn_28_10_finetune")

@@ -8,7 +8,7 @@ r"""Trains one experiment config end to end: DP fine-tuning, baselines, evaluati
 ``--config`` takes a config file or the name of one shipped in tfdpfair/configs
 (cli/config_path.py).
 
-The loop lives in tfdpfair/training/trainer.py (``train_and_evaluate``); this binary only
+The loop lives in tfdpfair/trainer/runner.py (``train_and_evaluate``); this binary only
 parses flags. Rerunning the same command in the same --workdir resumes the run. Writes into
 --workdir: metrics.json, predictions/<variant>.npz (for tfdpfair-evaluate), report.md,
 metrics.jsonl + tensorboard/, and checkpoint/ (private: holds the secret seeds).
@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from tfdpfair.cli import config_path
-from tfdpfair.training.trainer import train_and_evaluate
+from tfdpfair.trainer.runner import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(  # default: the packaged demo, from any directory
     "config", config_path.default_config("demo"),

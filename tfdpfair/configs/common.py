@@ -34,7 +34,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 def runtime(steps_per_execution: int = 1, checkpoint_every_steps: int = 100,
             log_every_steps: int = 10, eval_every_steps: int | None = None,
             eval_batch_size: int = 256) -> ml_collections.ConfigDict:
-    """config.train: cadence only (trainer_workdir.RUNTIME_KEYS); never changes ε or results."""
+    """config.train: cadence only (tfdpfair.trainer.workdir.RUNTIME_KEYS); never changes ε or results."""
     train = ml_collections.ConfigDict()
     train.steps_per_execution = steps_per_execution  # logical steps per compiled call
     train.checkpoint_every_steps = checkpoint_every_steps

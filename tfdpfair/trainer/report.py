@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from tfdpfair.fairness import run_io
 from tfdpfair.privacy.statement import privacy_statement
 from tfdpfair.privacy.tf_privacy_compat import tf_privacy_statement
-from tfdpfair.training.trainer_data import EvalSplit, TaskData
+from tfdpfair.trainer.task_data import EvalSplit, TaskData
 
 
 def scores_from_logits(task: str, logits: np.ndarray) -> np.ndarray:

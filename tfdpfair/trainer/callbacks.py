@@ -19,7 +19,7 @@ import keras
 
 from tfdpfair.training.callback_logs import allow_nonprivate_logs
 from tfdpfair.training.checkpoint import save_dp_checkpoint
-from tfdpfair.training.metric_writer import MetricWriter
+from tfdpfair.trainer.metric_writer import MetricWriter
 
 
 def log(message: str) -> None:

@@ -40,16 +40,16 @@ from tfdpfair.data.sources import ImageConfig
 from tfdpfair.fairness import run_io
 from tfdpfair.privacy import accounting
 from tfdpfair.privacy.dp_sgd import DPConfig
-from tfdpfair.training import trainer_models as models
-from tfdpfair.training import trainer_workdir as wd
+from tfdpfair.trainer import registries as models
+from tfdpfair.trainer import workdir as wd
 from tfdpfair.training.checkpoint import STATE_FILE, restore_dp_checkpoint, save_dp_checkpoint
 from tfdpfair.training.dp_model import make_private
-from tfdpfair.training.metric_writer import MetricWriter
-from tfdpfair.training.trainer_callbacks import (DPCheckpointCallback, PeriodicEvalCallback,
+from tfdpfair.trainer.metric_writer import MetricWriter
+from tfdpfair.trainer.callbacks import (DPCheckpointCallback, PeriodicEvalCallback,
                                                  Preemption, ProgressCallback, log)
-from tfdpfair.training.trainer_data import TaskData, load_task_data, predict_split
-from tfdpfair.training.trainer_data import non_private_dataset
-from tfdpfair.training.trainer_report import (render_report, score_metrics, scores_from_logits,
+from tfdpfair.trainer.task_data import TaskData, load_task_data, predict_split
+from tfdpfair.trainer.task_data import non_private_dataset
+from tfdpfair.trainer.report import (render_report, score_metrics, scores_from_logits,
                                               write_variant)
 
 # config.dp keys that are not DPConfig fields:
