@@ -57,6 +57,9 @@ ELEMENT_MESSAGE = (
     "iterator with iter(dp_opt.distribute_dataset()) and pass next(iterator) unchanged.")
 
 
+_TRACED_REFUSAL = f"{guards.DPUsageError.__name__}: "
+
+
 class _Runtime:
     """Untracked parts (a tf.train.Checkpoint of a DPOptimizer never saves these): the wrapper
     DPModel, the step loop with its transient accumulators, the data, and the per-replica count
@@ -235,9 +238,16 @@ class DPOptimizer(tf.Module):
                 f"{plan.epsilon(plan.steps):.3f}); releasing another would exceed the plan.")
         try:
             return fit_loop.guarded_call(rt.dp_model, rt.loop, lambda: fn(*args, **kwargs))
-        except RuntimeError:
+        except guards.DPUsageError:
+            raise
+        except RuntimeError:  # a failed step (counted by guarded_call): drop its partial sums
             rt.loop.drop_partial_step()
             self._zero_counter()
+            raise
+        except Exception as error:
+            if _TRACED_REFUSAL in str(error):  # autograph re-wraps a trace-time refusal
+                raise guards.DPUsageError(
+                    str(error).split(_TRACED_REFUSAL, 1)[1].strip()) from None
             raise
         finally:
             self.dp_state.note_released()

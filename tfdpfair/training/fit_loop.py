@@ -189,7 +189,8 @@ def guarded_call(dp_model, loop: DPStepLoop, call: Callable[[], Any]) -> Any:
         return values
     except tf.errors.OpError as error:
         message = error.message or ""
-        if ERROR_PREFIX in message:
+        if ERROR_PREFIX in message:  # refused before its step; earlier releases of the call
+            release_binding.record(dp_model)  # stand, and their weights are bound
             ours = message[message.index(ERROR_PREFIX):].splitlines()[0]
             raise guards.DPUsageError(ours) from None
         _count_failed_step(loop)
