@@ -193,7 +193,7 @@ class DPOptimizer(tf.Module):
                 "step t has (k_t = dp_opt.microbatches_in_step()); call release() once after "
                 "exactly k_t accumulate() calls"))
         with tf.control_dependencies([check]):
-            rt.loop._accumulate_fn(element, step, done)
+            rt.loop._accumulate(element, step, done)
         rt.counter.assign_add(1)
 
     def release(self) -> None:
@@ -208,7 +208,7 @@ class DPOptimizer(tf.Module):
                     "were accumulated (or a second release in one step); run exactly "
                     "dp_opt.microbatches_in_step() accumulate() calls, then one release()"))
         with tf.control_dependencies([complete]):
-            rt.loop._release_fn(step)
+            rt.loop._release(step)
         rt.counter.assign(0)
 
     def _zero_counter(self) -> None:

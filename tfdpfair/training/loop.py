@@ -14,7 +14,7 @@ One call of :meth:`DPStepLoop.train_call` runs s logical steps. For step t it
 
 Host-side logging reads the monitoring metrics once per call, never per micro-batch.
 The custom-loop API (training/custom_loop.py) runs the same two replica functions
-(``_accumulate_fn``, ``_release_fn``) from the user's own ``strategy.run`` calls.
+(``_accumulate``, ``_release``) from the user's own ``strategy.run`` calls.
 """
 
 from __future__ import annotations
