@@ -279,3 +279,20 @@ def test_experiments_custom_loop_trains_exports_and_resumes(tmp_path):
     again = example.train(tmp_path, tf.distribute.get_strategy(), **settings)  # resumes at T
     assert again["logical_steps"] == first["logical_steps"]
     assert again["epsilon"] == pytest.approx(first["epsilon"], rel=1e-12)
+
+
+def test_any_checkpoint_restore_draws_a_fresh_noise_seed(tmp_path):
+    """Even a restore of the same step with the same (test-fixed) seeds is a new continuation:
+    without a fresh noise seed, two continuations of one checkpoint would share their noise."""
+    _, opt = custom_run(NOISY, 3)
+    path = tf.train.Checkpoint(dp_optimizer=opt).save(tmp_path / "step0")
+    _, fresh = custom_run(NOISY, 3)
+    assert fresh.dp_state.seeds()["noise"] == NOISY["noise_seed"]
+    tf.train.Checkpoint(dp_optimizer=fresh).restore(path).assert_existing_objects_matched()
+    assert fresh.logical_steps_done == 0
+    fresh.distribute_dataset()
+    assert fresh.dp_state.seeds()["noise"] != NOISY["noise_seed"]
+    assert fresh.dp_state.seeds()["sampling"] == NOISY["sampling_seed"]
+    _, untouched = custom_run(NOISY, 3)  # no restore: the run keeps its own seed
+    untouched.distribute_dataset()
+    assert untouched.dp_state.seeds()["noise"] == NOISY["noise_seed"]

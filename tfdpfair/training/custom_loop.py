@@ -114,6 +114,19 @@ class DPOptimizer(tf.Module):
         self.model, self.optimizer, self.dp_state = model, optimizer, dp_model.dp_state
         self._runtime = _Runtime(dp_model, loop, data, counter)
 
+    # ---- tf.train.Checkpoint hooks -------------------------------------------------------
+
+    def _serialize_to_tensors(self) -> dict[str, tf.Tensor]:
+        """A marker, so that every restore of this object reaches :meth:`_restore_from_tensors`
+        (the model, optimizer and DP state are saved as tracked children)."""
+        return {"restore_marker": tf.constant(1, tf.int64)}
+
+    def _restore_from_tensors(self, restored_tensors: dict[str, tf.Tensor]) -> Any:
+        """A restore from storage: the next step must draw its noise from a fresh seed, even
+        when the restored (steps, seeds) equal what this object held (DPState docstring)."""
+        self.dp_state._own_snapshot = None
+        return tf.no_op()
+
     # ---- accounting views ----------------------------------------------------------------
 
     @property
