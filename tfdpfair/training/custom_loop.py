@@ -86,11 +86,14 @@ class DPOptimizer(tf.Module):
       dp_config: the same DPConfig as for ``make_private``.
       x, y: the N private training examples: numpy arrays, or an IndexedSource as ``x``.
       epochs, steps: fix T (only when the plan is fixed for the first time).
+      patient_ids: with ``DPConfig(privacy_unit="patient")``, one id per example (default:
+        the source's ``patient_ids``); the sampled and clipped units are then patients.
     """
 
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, loss: Any,
                  dp_config: DPConfig, *, x: Any, y: Any = None, epochs: float | None = None,
-                 steps: int | None = None, name: str = "dp_optimizer"):
+                 steps: int | None = None, patient_ids: Any = None,
+                 name: str = "dp_optimizer"):
         super().__init__(name=name)
         if dp_config.ema_decay is not None or dp_config.polyak:
             raise guards.DPUsageError(
@@ -101,7 +104,7 @@ class DPOptimizer(tf.Module):
             raise TypeError(f"optimizer must be a Keras 3 optimizer instance, got "
                             f"{type(optimizer).__name__}.")
         dp_model = DPModel(model, dp_config)
-        data = dp_model._training_data(x, y, None)
+        data = dp_model._training_data(x, y, patient_ids)
         dp_model.compile(optimizer=optimizer, loss=_checked_loss(model, loss, data))
         dp_model._check_ready(data)  # every check DPModel.fit makes before budget is spent
         with dp_model.distribute_strategy.scope():
