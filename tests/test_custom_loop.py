@@ -336,3 +336,25 @@ def test_custom_loop_on_an_indexed_source_and_patients_matches_fit():
     fit_weights, custom_weights = _fit_and_custom(lambda: softmax_model(weights), patients, 3,
                                                   x, y, patient_ids=np.arange(N) // 3)
     assert max_abs_diff(fit_weights, custom_weights) <= 1e-6
+
+
+def test_an_update_outside_the_release_unbinds_the_weights(tmp_path):
+    """A non-private optimizer.apply inside the run() call is caught: no export, no more steps."""
+    model, opt = custom_run(NOISY, 3)
+    strategy, iterator = opt.strategy, iter(opt.distribute_dataset())
+
+    @tf.function
+    def step_and_more(iterator):
+        for _ in tf.range(opt.microbatches_in_step()):
+            strategy.run(opt.accumulate, args=(next(iterator),))
+        strategy.run(opt.release)
+        opt.optimizer.apply([tf.ones_like(v) for v in model.trainable_variables],
+                            model.trainable_variables)
+
+    with pytest.raises(ReleaseBindingError, match="1 were DP releases"):
+        opt.run(step_and_more, iterator)
+    assert opt.logical_steps_done == 1
+    with pytest.raises(ReleaseBindingError):
+        opt.export_release(tmp_path / "release")
+    with pytest.raises(ReleaseBindingError):
+        opt.run(train_step_fn(opt), iterator)

@@ -44,7 +44,7 @@ import tensorflow as tf
 from tfdpfair.privacy.accounting import PrivacyPlan
 from tfdpfair.privacy.dp_sgd import DPConfig
 from tfdpfair.privacy.statement import privacy_statement
-from tfdpfair.training import fit_loop, guards, input_pipeline
+from tfdpfair.training import fit_loop, guards, input_pipeline, release_binding
 from tfdpfair.training.dp_model import DPModel
 from tfdpfair.training.fit_loop import PrivacyBudgetExhaustedError
 from tfdpfair.training.loop import ERROR_PREFIX
@@ -252,8 +252,15 @@ class DPOptimizer(tf.Module):
             raise PrivacyBudgetExhaustedError(
                 f"all {plan.steps} planned logical steps were already taken (ε = "
                 f"{plan.epsilon(plan.steps):.3f}); releasing another would exceed the plan.")
+        before = (self.logical_steps_done, int(self.optimizer.iterations.numpy()))
+
+        def call():
+            result = fn(*args, **kwargs)
+            self._check_only_releases_applied(before)  # before the weights are bound
+            return result
+
         try:
-            return fit_loop.guarded_call(rt.dp_model, rt.loop, lambda: fn(*args, **kwargs))
+            return fit_loop.guarded_call(rt.dp_model, rt.loop, call)
         except guards.DPUsageError:
             raise
         except RuntimeError:  # a failed step (counted by guarded_call): drop its partial sums
@@ -267,6 +274,20 @@ class DPOptimizer(tf.Module):
             raise
         finally:
             self.dp_state.note_released()
+
+
+    def _check_only_releases_applied(self, before: tuple[int, int]) -> None:
+        """The wrapped optimizer must have applied exactly one update per DP release."""
+        releases = self.logical_steps_done - before[0]
+        updates = int(self.optimizer.iterations.numpy()) - before[1]
+        if updates != releases:
+            raise release_binding.ReleaseBindingError(
+                f"the wrapped optimizer applied {updates} update(s) during this call but only "
+                f"{releases} were DP releases: an update from gradients that were not clipped and "
+                "noised is not covered by the privacy statement, so these weights cannot be "
+                "released or trained further as this DP run. Apply updates only through "
+                "dp_opt.release() (use a separate optimizer for public data), and restore the "
+                "last checkpoint.")
 
 
 def _checked_loss(model: keras.Model, loss: Any, data: input_pipeline.TrainingData) -> Any:
