@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "make_private": "tfdpfair.training.dp_model",
     "DPModel": "tfdpfair.training.dp_model",
+    "DPOptimizer": "tfdpfair.training.custom_loop",
     "PrivacyBudgetExhaustedError": "tfdpfair.training.dp_model",
     "DPConfig": "tfdpfair.privacy.dp_sgd",
     "PrivacyPlan": "tfdpfair.privacy.accounting",

@@ -19,7 +19,7 @@ continues in the epoch its step counter falls in.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -72,15 +72,7 @@ def run_fit(dp_model, loop: DPStepLoop, plan: PrivacyPlan, data: input_pipeline.
         planned_steps=plan.steps)
     dp_model.stop_training = False
     callback_list.on_train_begin()
-    start = _reconcile_restored_state(dp_model, plan)
-    restored = state.restored_from_elsewhere()
-    distributed.check_hosts_agree(strategy, {
-        "num_examples": plan.num_examples, "planned_steps": plan.steps, "start_step": start,
-        "micro_batch_size": dp_model.dp_config.micro_batch_size,
-        "seed_checksum": sum(state.seeds().values()) % (2**61), "restored": int(restored)})
-    if restored:
-        _refresh_noise_seed(dp_model)
-    release_binding.verify(dp_model, "fit() after a change of the weights")
+    start = continue_from_state(dp_model, plan, "fit() after a change of the weights")
     if start >= plan.steps:
         raise PrivacyBudgetExhaustedError(
             f"all {plan.steps} planned logical steps were already taken (ε = "
@@ -94,9 +86,7 @@ def run_fit(dp_model, loop: DPStepLoop, plan: PrivacyPlan, data: input_pipeline.
         data, sampling_seed=seeds["sampling"], sampling_rate=plan.sampling_rate,
         micro_batch_size=dp_model.dp_config.micro_batch_size, start_step=start,
         end_step=plan.steps)))
-    for accumulator_sum in loop.accumulator.grad_sums:  # drop a partial step of a failed call
-        for local in strategy.experimental_local_results(accumulator_sum):
-            local.assign(tf.zeros_like(local))
+    loop.drop_partial_step()  # of a failed call
     eps_log, logs, step = EpsilonLog(plan), {}, start
     for epoch in range(start // steps_per_epoch, num_epochs):
         epoch_end = min(plan.steps, (epoch + 1) * steps_per_epoch)
@@ -111,6 +101,26 @@ def run_fit(dp_model, loop: DPStepLoop, plan: PrivacyPlan, data: input_pipeline.
             break
     callback_list.on_train_end(logs)
     return dp_model.history
+
+
+def continue_from_state(dp_model, plan: PrivacyPlan, what: str) -> int:
+    """Before DP steps run (fit, or the custom-loop API): returns the start step.
+
+    Checks a restored state (same plan, no rollback of released steps), that all hosts agree,
+    replaces the noise seed with fresh OS entropy if the state was restored from storage
+    (restores never replay noise), and that the weights are those the last release left.
+    """
+    state = dp_model.dp_state
+    start = _reconcile_restored_state(dp_model, plan)
+    restored = state.restored_from_elsewhere()
+    distributed.check_hosts_agree(dp_model.distribute_strategy, {
+        "num_examples": plan.num_examples, "planned_steps": plan.steps, "start_step": start,
+        "micro_batch_size": dp_model.dp_config.micro_batch_size,
+        "seed_checksum": sum(state.seeds().values()) % (2**61), "restored": int(restored)})
+    if restored:
+        _refresh_noise_seed(dp_model)
+    release_binding.verify(dp_model, what)
+    return start
 
 
 class LogicalStepProgbar(keras.callbacks.ProgbarLogger):
@@ -159,20 +169,28 @@ def _run_epoch(dp_model, loop, callback_list, iterator, epoch, step, epoch_end, 
 
 
 def _call(dp_model, loop: DPStepLoop, iterator, step: int, count: int) -> dict:
-    """One compiled call; TensorFlow's own error text is withheld (it may echo private values).
+    """One compiled call of ``count`` logical steps (see :func:`guarded_call`)."""
+    return guarded_call(dp_model, loop, lambda: loop.train_call(
+        iterator, tf.constant(step, tf.int64), tf.constant(count, tf.int64)))
 
-    A step that fails after touching data is counted (invariant 3): the failure itself can
-    depend on which examples were sampled, so it is treated as a released step. The weights'
-    fingerprint is recorded after the call either way (they are what the releases left).
+
+def guarded_call(dp_model, loop: DPStepLoop, call: Callable[[], Any]) -> Any:
+    """Runs ``call`` (compiled DP steps); TensorFlow's own error text is withheld (it may echo
+    private values). Shared by fit and the custom-loop API (training/custom_loop.py).
+
+    An in-graph refusal of ours (message starting "tfdpfair:") becomes a DPUsageError. A step
+    that fails after touching data is counted (invariant 3): the failure itself can depend on
+    which examples were sampled, so it is treated as a released step. The weights' fingerprint
+    is recorded after the call either way (they are what the releases left).
     """
     try:
-        values = loop.train_call(iterator, tf.constant(step, tf.int64),
-                                 tf.constant(count, tf.int64))
+        values = call()
         release_binding.record(dp_model)
         return values
     except tf.errors.OpError as error:
         message = error.message or ""
-        if ERROR_PREFIX in message:
+        if ERROR_PREFIX in message:  # refused before its step; earlier releases of the call
+            release_binding.record(dp_model)  # stand, and their weights are bound
             ours = message[message.index(ERROR_PREFIX):].splitlines()[0]
             raise guards.DPUsageError(ours) from None
         _count_failed_step(loop)

@@ -13,6 +13,8 @@ One call of :meth:`DPStepLoop.train_call` runs s logical steps. For step t it
    (Σ_r L_r + n)/(B·s): the noise is added once (privacy/dp_sgd.py).
 
 Host-side logging reads the monitoring metrics once per call, never per micro-batch.
+The custom-loop API (training/custom_loop.py) runs the same two replica functions
+(``_accumulate``, ``_release``) from the user's own ``strategy.run`` calls.
 """
 
 from __future__ import annotations
@@ -176,6 +178,12 @@ class DPStepLoop:
             if self.averages is not None:  # post-processing of the released weights
                 self.averages.update(self.variables, step)
         return self.results()
+
+    def drop_partial_step(self) -> None:
+        """Zeroes every replica's accumulated sums (the partial step of a failed call)."""
+        for total in [*self.accumulator.grad_sums, self.accumulator.num_examples]:
+            for local in self.strategy.experimental_local_results(total):
+                local.assign(tf.zeros_like(local))
 
     def results(self) -> dict[str, tf.Tensor]:
         """Monitoring values, named ``nonprivate_*`` (read in cross-replica context)."""
