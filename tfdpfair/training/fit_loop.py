@@ -213,8 +213,9 @@ def guarded_call(dp_model, loop: DPStepLoop, call: Callable[[], Any]) -> Any:
 
 
 # Ops and error-text markers (matched, never echoed) of reading and decoding training inputs.
-_INPUT_OPS = ("IteratorGetNext", "IteratorGetNextAsOptional", "MultiDeviceIteratorGetNextFromShard",
-              "ReadFile", "DecodeImage", "DecodeJpeg", "DecodePng", "DecodeAndCropJpeg")
+_INPUT_OPS = ("IteratorGetNext", "IteratorGetNextAsOptional",
+              "MultiDeviceIteratorGetNextFromShard", "ReadFile", "DecodeImage", "DecodeJpeg",
+              "DecodePng", "DecodeAndCropJpeg")
 _INPUT_MARKERS = ("Iterator::", "IteratorGetNext", "jpeg::", "png::", "DecodeJpeg", "DecodePng",
                   "DecodeImage", "ReadFile", "Not a JPEG/PNG image")
 
