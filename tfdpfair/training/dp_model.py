@@ -287,9 +287,10 @@ class DPModel(keras.Model):
         """Runs DP-SGD over the N private examples ``x``, ``y`` (see module docstring).
 
         Args:
-          x, y: numpy arrays [N, ...]; or an IndexedSource as ``x`` (labels from the source).
-            Streams are refused (Poisson sampling needs random access; see
-            input_pipeline.materialize).
+          x, y: numpy arrays [N, ...]; an IndexedSource as ``x`` (labels from the source); or
+            a finite ``tf.data.Dataset`` of (x, y) as ``x``, read once into memory first
+            (input_pipeline.materialize: Poisson sampling needs random access). Infinite or
+            unknown-length datasets are refused.
           epochs: expected passes over the data (T = ceil(epochs·N/B)); or give ``steps``. Only
             the plan's first fixing uses them; later calls continue the same plan.
           steps: number of logical steps T.
