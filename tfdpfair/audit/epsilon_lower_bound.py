@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import special, stats
@@ -50,7 +50,7 @@ _BISECTION_STEPS = 60
 _MAX_EPSILON = 100.0
 
 
-def _check_counts(m: int, r: int, v: int, delta: float) -> None:
+def check_counts(m: int, r: int, v: int, delta: float) -> None:
     if not (0 <= v <= r <= m):
         raise ValueError(f"need 0 <= v <= r <= m (v correct of r guesses among m canaries); "
                          f"got m={m}, r={r}, v={v}.")
@@ -60,7 +60,7 @@ def _check_counts(m: int, r: int, v: int, delta: float) -> None:
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     """p(ε): bound on P[≥ v of r guesses correct] if the run is (ε, δ)-DP (module docstring)."""
-    _check_counts(m, r, v, delta)
+    check_counts(m, r, v, delta)
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
     q = float(special.expit(epsilon))
@@ -76,7 +76,7 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
 def epsilon_lower_bound(m: int, r: int, v: int, delta: float,
                         p_threshold: float = DEFAULT_P_VALUE) -> float:
     """ε_LB = sup{ε ≥ 0 : p(ε) < p_threshold}, by bisection to ~1e-12 (0 if p(0) ≥ threshold)."""
-    _check_counts(m, r, v, delta)
+    check_counts(m, r, v, delta)
     if not 0.0 < p_threshold < 1.0:
         raise ValueError(f"p_threshold must be in (0, 1), got {p_threshold}.")
     if p_value(m, r, v, 0.0, delta) >= p_threshold:
@@ -132,12 +132,12 @@ def guess_counts(scores: Sequence[float], members: Sequence[int], k: int) -> tup
     return 2 * k, int(b[top].sum() + (~b[bottom]).sum())
 
 
-def audit_from_scores(scores: Sequence[float], members: Sequence[int], k: int | Sequence[int],
-                      delta: float, p_threshold: float = DEFAULT_P_VALUE) -> AuditResult:
-    """The one-run audit of canary ``scores`` (higher = more likely included) and ``members``.
+def bonferroni_best_k(scores: Sequence[float], members: Sequence[int], k: int | Sequence[int],
+                      p_threshold: float, bound: Callable[[int, int, int, float], float]
+                      ) -> tuple[tuple[int, ...], int, int, int, float]:
+    """Runs ``bound(m, r, v, level)`` for each k at level = p_threshold / len(ks) (Bonferroni).
 
-    ``k`` fixed before looking at the scores: one int. Several ks: each is tested at
-    p_threshold / len(ks) (Bonferroni) and the largest bound is returned, with its k.
+    Returns (ks, best k, its r, its v, the largest bound); ties keep the first k.
     """
     ks = (k,) if isinstance(k, (int, np.integer)) else tuple(int(x) for x in k)
     if not ks:
@@ -147,9 +147,21 @@ def audit_from_scores(scores: Sequence[float], members: Sequence[int], k: int | 
     best = None
     for kk in ks:
         r, v = guess_counts(scores, members, kk)
-        eps = epsilon_lower_bound(m, r, v, delta, level)
-        if best is None or eps > best[3]:
-            best = (kk, r, v, eps)
-    kk, r, v, eps = best
-    return AuditResult(m=m, k=kk, r=r, v=v, delta=float(delta), epsilon=float(eps),
-                       p_threshold=float(p_threshold), ks_tried=ks)
+        value = bound(m, r, v, level)
+        if best is None or value > best[3]:
+            best = (kk, r, v, value)
+    return (ks, *best)
+
+
+def audit_from_scores(scores: Sequence[float], members: Sequence[int], k: int | Sequence[int],
+                      delta: float, p_threshold: float = DEFAULT_P_VALUE) -> AuditResult:
+    """The one-run audit of canary ``scores`` (higher = more likely included) and ``members``.
+
+    ``k`` fixed before looking at the scores: one int. Several ks: each is tested at
+    p_threshold / len(ks) (Bonferroni) and the largest bound is returned, with its k.
+    """
+    ks, kk, r, v, eps = bonferroni_best_k(
+        scores, members, k, p_threshold,
+        lambda m, r, v, level: epsilon_lower_bound(m, r, v, delta, level))
+    return AuditResult(m=len(np.asarray(scores)), k=kk, r=r, v=v, delta=float(delta),
+                       epsilon=float(eps), p_threshold=float(p_threshold), ks_tried=ks)
