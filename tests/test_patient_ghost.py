@@ -174,11 +174,7 @@ def test_one_patient_moves_the_sum_by_at_most_c():
 
 
 def fit_patients(clipping, x, y, ids):
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input(SHAPE), keras.layers.Conv2D(4, 3, padding="same"),
-        keras.layers.GroupNormalization(2), keras.layers.Activation("tanh"),
-        WSConv2D(4, 3, strides=2), keras.layers.Flatten(), keras.layers.Dense(3)])
+    model = conv_net()
     dp = tfdpfair.make_private(model, tfdpfair.DPConfig(
         expected_batch_size=5, micro_batch_size=3, noise_multiplier=0.8, delta=1e-3,
         l2_norm_clip=0.2, privacy_unit="patient", max_examples_per_patient=2, augmult=2,
