@@ -7,8 +7,9 @@ A case is one DPModel.fit run on synthetic images with every unit in every logic
 patients with 2k images each, k chosen per step (the choose_images path), m patients per
 micro-batch (m·k images). Example units: P·k examples (the same images per step), m·k per
 micro-batch. Time per logical step: median of --repeats Keras batches (one logical step each:
-clipping, accumulation, noise, update) after 2 warm-up steps. All trainable layers are
-trained.
+clipping, accumulation, noise, update) after 2 warm-up steps (also the minimum, which is
+less sensitive to other processes on a shared machine). All layers are trained. Peak RSS
+includes about 0.7 GB of TF runtime and data; the ratios also compare the increase during fit.
 
   python benchmarks/patient_clipping.py                        # wrn_16_2 at 16 px, k = 2, 4
   python benchmarks/patient_clipping.py --model nfnet_nano --ks 2
@@ -83,6 +84,7 @@ def run_case(model_name: str, unit: str, clipping: str, k: int, patients: int, m
             "images_per_patient": k, "units_per_step": patients if unit == "patient" else images,
             "images_per_step": images,
             "micro_batch_images": micro * k, "step_s": round(step_s, 4),
+            "step_min_s": round(min(timer.times[2:]), 4),
             "images_per_s": round(images / step_s, 1),
             "first_steps_s": round(sum(timer.times[:2]), 2),
             "peak_rss_mb": round(_rss_mb(), 1), "rss_before_fit_mb": round(rss_before, 1),
@@ -130,6 +132,9 @@ def main() -> None:
                     line["time_vs_patient_ghost"] = round(line["step_s"] / base["step_s"], 2)
                     line["rss_vs_patient_ghost"] = round(
                         line["peak_rss_mb"] / base["peak_rss_mb"], 2)
+                    line["fit_rss_increase_vs_patient_ghost"] = round(
+                        (line["peak_rss_mb"] - line["rss_before_fit_mb"])
+                        / (base["peak_rss_mb"] - base["rss_before_fit_mb"]), 2)
             print(json.dumps(line), flush=True)
 
 
