@@ -13,7 +13,7 @@ import tfdpfair
 from tfdpfair.models.layers import WSConv2D
 from tfdpfair.models.wide_resnet import build_wide_resnet
 from tfdpfair.privacy import ghost_linear
-from tfdpfair.privacy.ghost_clipping import ghost_clipped_grad_sum
+from tfdpfair.privacy.ghost_clipping import describe_plan, ghost_clipped_grad_sum
 from tfdpfair.training.example_loss import batch_patient_loss_fn
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -42,6 +42,23 @@ def conv_net():  # Conv2D, GroupNorm, WSConv2D (strided), Dense on vectors
 def small_wrn():  # WRN-10-1: WSConv2D, GroupNorm(4), SkipInit gains, Dense head
     keras.utils.set_random_seed(6)
     return perturb(build_wide_resnet((10, 1), 3, (8, 8, 3), groups=4, use_skip_init=True))
+
+
+class Scale(keras.layers.Layer):
+    """A layer without a ghost rule: its variable takes the per-unit fallback path."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones", name="w")
+
+    def call(self, x):
+        return x * self.w
+
+
+def conv_net_with_fallback():  # Conv2D, a rule-less Scale, GroupNorm, Dense
+    keras.utils.set_random_seed(4)
+    return perturb(keras.Sequential([
+        keras.Input(SHAPE), keras.layers.Conv2D(4, 3, strides=2), Scale(),
+        keras.layers.GroupNormalization(2), keras.layers.Flatten(), keras.layers.Dense(3)]))
 
 
 def patients(shape, augmult, seed=0, padding_value=1e3):
@@ -115,8 +132,8 @@ def middle_clip(norms):
 
 @pytest.mark.parametrize("make_model,shape,augmult,chunks", [
     (conv_net, SHAPE, 1, "whole_batch"), (conv_net, SHAPE, 2, "one_patient_chunks"),
-    (small_wrn, (8, 8, 3), 2, "whole_batch")],
-    ids=["conv_net", "conv_net_augmult2_chunked", "wrn_10_1_augmult2"])
+    (small_wrn, (8, 8, 3), 2, "whole_batch"), (conv_net_with_fallback, SHAPE, 2, "whole_batch")],
+    ids=["conv_net", "conv_net_augmult2_chunked", "wrn_10_1_augmult2", "fallback_augmult2"])
 def test_patient_norms_and_clipped_sum_match_brute_force(make_model, shape, augmult, chunks,
                                                           monkeypatch):
     """Padding slots (garbage inputs), a patient without images, an unsampled patient whose
@@ -124,6 +141,7 @@ def test_patient_norms_and_clipped_sum_match_brute_force(make_model, shape, augm
     if chunks == "one_patient_chunks":
         monkeypatch.setattr(ghost_linear, "CHUNK_BYTES", 1)
     model = make_model()
+    assert bool(describe_plan(model)["fallback"]) == (make_model is conv_net_with_fallback)
     x, labels, image_mask = patients(shape, augmult)
     expected = brute_force(model, x, labels, image_mask, MASK, 1e9)
     clip = middle_clip(expected[1])
