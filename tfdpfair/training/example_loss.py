@@ -58,8 +58,11 @@ def _patient_loss(model: keras.Model, per_sample: Callable, augmult: int) -> Uni
     return patient_loss
 
 
-def batch_patient_loss_fn(model: keras.Model, loss: Any, augmult: int = 1):
-    """The patient loss of a batch of B patients at once (for ghost clipping).
+BatchUnitLoss = Callable[[Any], tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]]
+
+
+def batch_patient_loss_fn(model: keras.Model, loss: Any, augmult: int = 1) -> BatchUnitLoss:
+    """The patient loss of B patients at once (ghost clipping; vectorized uses a batch of one).
 
     Maps ``(x, y)`` with x [B, k, H, W, C] (or [B, k, K, H, W, C] views when ``augmult`` = K
     > 1) and y = {"labels": [B, k, ...], "image_mask": [B, k]} to
@@ -82,7 +85,8 @@ def batch_patient_loss_fn(model: keras.Model, loss: Any, augmult: int = 1):
     return _batch_patient_loss(model, augment.unreduced_loss(keras.losses.get(loss)), augmult)
 
 
-def _batch_patient_loss(model: keras.Model, per_sample: Callable, augmult: int):
+def _batch_patient_loss(model: keras.Model, per_sample: Callable, augmult: int
+                        ) -> BatchUnitLoss:
     def batch_loss(patients):
         x, y = patients
         labels, image_mask = y["labels"], tf.cast(y["image_mask"], tf.float32)
