@@ -24,9 +24,10 @@ and step down i = v−1, …, 0:
 
 (Intuition: c_i and w_i are the correct and wrong guesses per canary that P[≥ v correct] ≥ τ
 forces on the event "≥ i correct"; the proof is the paper's.) The paper's theorem: if
-P[≥ v correct] ≥ τ under a μ-GDP run, then c_0 + w_0 ≤ r/m (all r guesses, per canary). So c_0 + w_0 > r/m proves P[≥ v correct] < τ:
-the claim "μ-GDP" is rejected at level τ. c_i + w_i never decreases as i goes down, and once
-w stops growing nothing changes any more, so the loop stops early either way.
+P[≥ v correct] ≥ τ under a μ-GDP run, then c_0 + w_0 ≤ r/m (all r guesses, per canary). So
+c_0 + w_0 > r/m proves P[≥ v correct] < τ: the claim "μ-GDP" is rejected at level τ.
+c_i + w_i never decreases as i goes down, and once w stops growing nothing changes any more,
+so the loop stops early either way.
 
 * :func:`fdp_p_value`: the smallest τ (bisection) at which the test rejects; P[≥ v correct]
   under any μ-GDP run is below it.
@@ -50,15 +51,16 @@ so the same recursion with g_{ε,δ} tests "(ε, δ)-DP" with no assumption on t
 
 * :func:`eps_delta_p_value`: bound on P[≥ v correct] under any (ε, δ)-DP run.
 * :func:`fdp_eps_delta_lower_bound`: ε_LB = sup{ε ≥ 0 : "(ε, δ)-DP" rejected at
-  p_threshold}, at the run's δ (g_{ε,δ} falls as ε grows, so the rejected ε form an interval).
+  p_threshold}, at the run's δ (g_{ε,δ} falls as ε grows; the rejected ε form an interval
+  on every grid tested).
 
 What it proves. μ_LB is a valid 95% lower bound on μ for any run that is μ-GDP. The ε is the
 (ε, δ) of that Gaussian curve: a valid 95% bound on ε(δ) when the run's trade-off curve is
 Gaussian (the paper's and jax_privacy's reading; DP-SGD with many steps is close to it by the
 central limit theorem). The Steinke, Nasr & Jagielski bound (epsilon_lower_bound.py) assumes
-only (ε, δ)-DP. With many correct guesses the f-DP bound is the higher one: it uses the whole
-curve rather than one (ε, δ) point, has no 2mδ slack, and the Gaussian shape ties the accuracy
-the guesses measure to the small-δ tail that ε(δ) describes (an assumption, not an observation).
+only (ε, δ)-DP. With many correct guesses the Gaussian-curve bound is the higher one: it has
+no 2mδ slack, and the Gaussian shape ties the accuracy the guesses measure to the small-δ tail
+that ε(δ) describes (an assumption, not an observation).
 
 The (ε, δ)-curve ε_LB is, like Steinke's, a 95% lower bound on the run's ε at δ for every
 mechanism, so a value above the accountant's ε proves a bug. At δ = 0 it is never above
@@ -104,7 +106,7 @@ def _inverse_power(x: float, mu: float) -> float:
 def eps_delta_inverse_power(x: float, epsilon: float, delta: float) -> float:
     """g_{ε,δ}(x) = max(0, e^{−ε}(x − δ), 1 − δ − e^ε(1 − x)): the type I error at which
     (ε, δ)-DP allows power x, i.e. the α solving 1 − f_{ε,δ}(α) = x (f_{ε,δ} in the module
-    docstring; ε = δ = 0 gives x itself)."""
+    docstring; ε = δ = 0 gives x, up to rounding)."""
     x = min(x, 1.0)
     gap = 1.0 - x  # type II error
     low = math.exp(-epsilon) * (x - delta)
