@@ -219,8 +219,9 @@ def main(argv) -> None:
         result, plots = run(config, data, workdir)
         audit = {"canaries": result}
         log(f"ε lower bounds (95% each): {result['epsilon_lower_bound']:.3f} (Steinke et al.), "
-            f"{result['epsilon_lower_bound_fdp']:.3f} (f-DP, μ ≥ "
-            f"{result['mu_lower_bound_fdp']:.3f}); accountant ε "
+            f"{result['epsilon_lower_bound_fdp_eps_delta']:.3f} (f-DP, (ε, δ) curve; these two "
+            f"hold for any mechanism), {result['epsilon_lower_bound_fdp']:.3f} (f-DP, Gaussian "
+            f"curve, μ ≥ {result['mu_lower_bound_fdp']:.3f}); accountant ε "
             f"{result['accountant_epsilon']:.3f}, σ = {result['noise_multiplier']:.4g}")
     else:
         results = {name: membership_of(model, data)
