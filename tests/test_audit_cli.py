@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from tfdpfair.configs import chexpert_nfnet_f0
 from tfdpfair.trainer import workdir as trainer_workdir
 
@@ -42,3 +44,30 @@ def test_a_canary_audit_on_chest_xray_data_is_refused():
     proc = audit("--config=chexpert_nfnet_f0", mode="canaries")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "data.name='chexpert'" in proc.stderr and "out of scope" in proc.stderr
+
+
+@pytest.mark.parametrize("model", ["mlp", pytest.param("config", marks=pytest.mark.slow)])
+def test_a_canary_audit_takes_data_model_and_epsilon_from_the_config(tmp_path, model):
+    """--mode=canaries --config=demo.py:runlocal=True: the demo's digits, its DP settings with
+    the overridden ε, and with --canary_model=config its NFNet-nano recipe (public
+    pre-training, last stage trained; ~100 s, slow) instead of the binary's MLP (~25 s)."""
+    from dp_reference import reference_epsilon
+    from tfdpfair.data.demo import load_demo_data
+
+    m = 40
+    proc = audit("--config=demo.py:runlocal=True", "--config.dp.target_epsilon=2",
+                 f"--canary_model={model}", f"--num_canaries={m}", f"--workdir={tmp_path}",
+                 mode="canaries")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_config = "audit model: config.model nfnet nano, trained: last_stages:1"
+    assert (from_config in proc.stdout) == (model == "config")
+    # the demo's public pre-training, cached in the workdir
+    assert (tmp_path / "pretrained.weights.h5").exists() == (model == "config")
+    result = json.loads((tmp_path / "audit.json").read_text())["canaries"]
+    n = len(load_demo_data(public_fraction=0.15, test_fraction=0.2, image_size=8,
+                           seed=0).private) + m  # the plan counts the canaries as units
+    assert result["steps"] == 2 and result["sampling_rate"] == pytest.approx(64 / n)
+    assert result["delta"] == pytest.approx(n ** -1.1)
+    reference = reference_epsilon(result["noise_multiplier"], 64 / n, 2, result["delta"])
+    assert result["accountant_epsilon"] == pytest.approx(reference, rel=1e-6)
+    assert 1.9 < reference <= 2.0  # σ calibrated to the overridden target

@@ -54,6 +54,10 @@ _KIND = flags.DEFINE_enum("canary_kind", "gradient", ["gradient", "input"],
                           "White-box gradient canaries or black-box mislabelled inputs.")
 _NUM_CANARIES = flags.DEFINE_integer("num_canaries", 500, "m, the number of canaries.")
 _HIDDEN = flags.DEFINE_integer("hidden", 512, "Hidden units of the audit's MLP.")
+_CANARY_MODEL = flags.DEFINE_enum(
+    "canary_model", "mlp", ["mlp", "config"], "Model of the binary's own audit run: its MLP "
+    "(--hidden units), or --config's model (config.model: architecture, initial weights, the "
+    "demo's public pre-training, trained layers), i.e. the recipe the config ships.")
 _MODEL_FILE = flags.DEFINE_string("model_file", None, "A .keras model to audit (membership).")
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "A run directory whose */model.keras release "
                                "exports are audited (membership).")
@@ -133,9 +137,31 @@ def run_length(config) -> dict:
     return {"steps": int(steps)} if steps else {"epochs": float(setting(config, "dp.epochs", 1))}
 
 
+def output_dir() -> pathlib.Path:
+    return pathlib.Path(_WORKDIR.value or _RUN_DIR.value or "runs/audit")
+
+
+def audited_model(config, data: DemoData, seed: int) -> keras.Model:
+    """The audit run's model (--canary_model): the MLP, or config.model built and initialised
+    as tfdpfair-train does (the demo pre-trains on its public split, cached in the workdir)."""
+    if _CANARY_MODEL.value == "mlp":
+        return mlp(data.private.images.shape[1:], len(data.class_names), _HIDDEN.value, seed)
+    from tfdpfair.trainer import registries, runner
+    from tfdpfair.trainer.task_data import load_task_data
+    keras.utils.set_random_seed(seed)
+    task = load_task_data(config.data, config.seed)  # the digits, as the trainer reads them
+    model = registries.build_model(config.model, task.input_shape, task.num_classes)
+    if registries.load_initial_weights(model, config.model) == "public_pretraining":
+        runner.pretrain_public(config, task, model, output_dir() / "pretrained.weights.h5")
+    trained = registries.set_trainable(model, config.model.train)
+    log(f"audit model: config.model {config.model.name} {config.model.get('variant', '')}, "
+        f"trained: {config.model.train} ({trained:,} parameters)")
+    return model
+
+
 def compiled_dp_model(config, data: DemoData, seed: int):
     from tfdpfair.training.dp_model import make_private
-    model = mlp(data.private.images.shape[1:], len(data.class_names), _HIDDEN.value, seed)
+    model = audited_model(config, data, seed)
     private = make_private(model, dp_config(config))
     lr = setting(config, "optimizer.learning_rate", 1.0)
     private.compile(optimizer=keras.optimizers.SGD(lr),  # the llr score needs plain SGD
@@ -255,7 +281,7 @@ def membership_audit(config, workdir: pathlib.Path) -> tuple[dict, dict]:
 def main(argv) -> None:
     del argv
     config = run_config(_CONFIG.value)
-    workdir = pathlib.Path(_WORKDIR.value or _RUN_DIR.value or "runs/audit")
+    workdir = output_dir()
     workdir.mkdir(parents=True, exist_ok=True)
     if _MODE.value == "canaries":
         data = load_data(config)
