@@ -136,6 +136,47 @@ def test_binary_audits_a_trained_chexpert_run(chexpert_run, chexpert_root):
         assert check_against_sklearn(record["membership"][name], model, chexpert_root) >= 5
 
 
+def test_mimic_and_tfds_runs_read_their_members_and_held_out_split(tmp_path):
+    """MIMIC-CXR: official train vs test (or validate), four attributes, patient bootstrap;
+    TFDS: train_split vs eval_split, no subgroups, labels read from the source."""
+    import tensorflow_datasets as tfds
+
+    from tfdpfair.configs import cifar10_wrn_16_4, mimic_cxr_nfnet_f0
+    from tfdpfair.data import mimic_cxr
+    config = mimic_cxr_nfnet_f0.get_config("runlocal=True")
+    config.data.root, config.data.mimic_iv_dir = trainer_fixtures.write_mimic(tmp_path)
+    data = run_membership.load_membership_data(config, held_out="validation")
+    kwargs = dict(mimic_iv_dir=config.data.mimic_iv_dir, policy="zeros")
+    validate = mimic_cxr.load_mimic_cxr(config.data.root, "validate", **kwargs)
+    assert len(data.non_members) == len(validate) and data.non_members.name == "validation"
+    assert len(data.members) == len(mimic_cxr.load_mimic_cxr(config.data.root, "train",
+                                                             **kwargs))
+    assert set(data.groups) == {"sex", "age_bin", "race", "insurance"}
+    assert data.setup()["bootstrap"].startswith("patient")
+    config = cifar10_wrn_16_4.get_config("runlocal=True")
+    with tfds.testing.mock_data(num_examples=12):
+        data = run_membership.load_membership_data(config)
+        model = registries.build_model(config.model, (32, 32, 3), 10)
+        result = run_membership.membership_of(model, data, num_resamples=0)
+        losses = [softmax_cross_entropy(model, split.data) for split in (data.members,
+                                                                         data.non_members)]
+    assert result["by_group"] == {} and result["setup"]["bootstrap"] == "example"
+    assert result["setup"]["non_members"] == "test split (12 examples)"
+    is_member = np.r_[np.ones(len(losses[0])), np.zeros(len(losses[1]))]
+    assert result["overall"]["auc"]["value"] == pytest.approx(
+        roc_auc_score(is_member, -np.concatenate(losses)), abs=1e-9)
+
+
+def softmax_cross_entropy(model, source) -> np.ndarray:
+    """−log softmax(z)_y per example of an IndexedSource, in numpy."""
+    out = []
+    for batch in source.sequential(8):
+        z = np.asarray(model(batch["image"], training=False), np.float64)
+        log_softmax = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+        out.append(-log_softmax[np.arange(len(z)), np.asarray(batch["label"], int)])
+    return np.concatenate(out)
+
+
 def test_data_override_points_at_moved_data(chexpert_root, tmp_path):
     """A run whose data moved: refused (naming the path and the flag), found with the flag."""
     config = runlocal_config(str(tmp_path / "elsewhere" / "CheXpert-v1.0-small"))
