@@ -105,12 +105,18 @@ def check_against_sklearn(result: dict, model, root: str) -> int:
     return compared
 
 
-def test_membership_of_a_chexpert_model_matches_sklearn(chexpert_root):
-    """Fast: the library path on a random nano NFNet (the audit needs no trained model)."""
+def test_membership_of_a_chexpert_model_matches_sklearn(chexpert_root, tmp_path):
+    """Fast: the library path on a random nano NFNet (the audit needs no trained model), here
+    as a run's non-private baseline (config.model + non_private.weights.h5)."""
     config = runlocal_config(chexpert_root)
     data = run_membership.load_membership_data(config)
+    assert run_membership.non_private_baseline(config, data, tmp_path) is None
     model = registries.build_model(config.model, (16, 16, 3), 14)
-    result = run_membership.membership_of(model, data, num_resamples=10)
+    model.save_weights(tmp_path / "non_private.weights.h5")
+    baseline = run_membership.non_private_baseline(config, data, tmp_path)
+    for got, want in zip(baseline.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    result = run_membership.membership_of(baseline, data, num_resamples=10)
     assert check_against_sklearn(result, model, chexpert_root) >= 5
     assert result["overall"]["auc"]["ci_low"] <= result["overall"]["auc"]["ci_high"]
 

@@ -63,6 +63,8 @@ class MembershipData:
     task: str
     members: EvalSplit
     non_members: EvalSplit
+    input_shape: tuple[int, ...] = ()
+    num_classes: int = 0
 
     @property
     def is_member(self) -> np.ndarray:
@@ -184,7 +186,21 @@ def load_membership_data(config: Any, held_out: str = "test") -> MembershipData:
             f"the run has no {held_out} split (data {name}): non-members must be held-out "
             f"examples of the same distribution. Use --held_out={other} if it has one, or "
             "audit a run configured with a held-out split.")
-    return MembershipData(name, data.task, task_data.train_split(data), non_members)
+    return MembershipData(name, data.task, task_data.train_split(data), non_members,
+                          data.input_shape, data.num_classes)
+
+
+def non_private_baseline(config: Any, data: MembershipData, run_dir: str | pathlib.Path
+                         ) -> Any | None:
+    """The run's non-private baseline (config.model with workdir.NON_PRIVATE_FILE weights), the
+    membership audit's point of comparison; None when the run did not train one."""
+    from tfdpfair.trainer import registries, workdir
+    path = pathlib.Path(run_dir) / workdir.NON_PRIVATE_FILE
+    if not path.exists():
+        return None
+    model = registries.build_model(config.model, data.input_shape, data.num_classes)
+    model.load_weights(path)
+    return model
 
 
 def check_matches_run(run_dir: str | pathlib.Path, data: MembershipData) -> None:

@@ -29,7 +29,7 @@ say "Not for release" (for the data custodian and people already allowed to see 
 
 from __future__ import annotations
 
-import json
+import functools
 import pathlib
 import sys
 import time
@@ -254,18 +254,35 @@ def membership_data(config) -> run_membership.MembershipData:
     return data
 
 
+def load_model_file(path: pathlib.Path) -> keras.Model:
+    log(f"scoring {path}")
+    return keras.models.load_model(path)
+
+
+def baseline_of_run(config, data: run_membership.MembershipData) -> keras.Model | None:
+    model = run_membership.non_private_baseline(config, data, _RUN_DIR.value)
+    if model is not None:
+        log("scoring the run's non-private baseline (the comparison; not a release)")
+    return model
+
+
 def membership_audit(config, workdir: pathlib.Path) -> tuple[dict, dict]:
     """Membership inference of every audited model, by subgroup; (audit, plots)."""
     own_run = not (_MODEL_FILE.value or _RUN_DIR.value)
     digits = load_data(config) if own_run else None  # refuses non-digits first
     files = {} if own_run else model_files()
     data = membership_data(config)
-    models = fresh_models(config, digits) if own_run else files
+    loaders = {name: functools.partial(load_model_file, path) for name, path in files.items()}
+    if _RUN_DIR.value:
+        loaders["non_private"] = functools.partial(baseline_of_run, config, data)
+    if own_run:
+        loaders = {name: functools.partial(lambda m: m, model)
+                   for name, model in fresh_models(config, digits).items()}
     results = {}
-    for name, model in models.items():
-        if isinstance(model, pathlib.Path):
-            log(f"scoring {model}")
-            model = keras.models.load_model(model)
+    for name, load in loaders.items():
+        model = load()
+        if model is None:
+            continue  # the run trained no non-private baseline
         results[name] = run_membership.membership_of(
             model, data, batch_size=_BATCH.value, num_resamples=_RESAMPLES.value,
             seed=_SEED.value)
