@@ -272,12 +272,14 @@ def membership_audit(config, workdir: pathlib.Path) -> tuple[dict, dict]:
     digits = load_data(config) if own_run else None  # refuses non-digits first
     files = {} if own_run else model_files()
     data = membership_data(config)
-    loaders = {name: functools.partial(load_model_file, path) for name, path in files.items()}
-    if _RUN_DIR.value:
-        loaders["non_private"] = functools.partial(baseline_of_run, config, data)
     if own_run:
         loaders = {name: functools.partial(lambda m: m, model)
                    for name, model in fresh_models(config, digits).items()}
+    else:
+        loaders = {name: functools.partial(load_model_file, path)
+                   for name, path in files.items()}
+        if _RUN_DIR.value and not _MODEL_FILE.value:
+            loaders["non_private"] = functools.partial(baseline_of_run, config, data)
     results = {}
     for name, load in loaders.items():
         model = load()

@@ -134,7 +134,7 @@ def _mimic_cxr(data_config: Any, seed: int) -> TaskData:
     return TaskData(train, "multilabel", mimic_cxr.MIMIC_LABELS,
                     tuple(train.element_spec["image"].shape),
                     file_split("test", mimic_cxr.load_mimic_cxr(data_config.root, "test",
-                                                                 **kwargs)),
+                                                                **kwargs)),
                     file_split("validation", mimic_cxr.load_mimic_cxr(
                         data_config.root, "validate", **kwargs)),
                     eval_tasks=chexpert.EVAL_TASKS)
