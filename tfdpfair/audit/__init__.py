@@ -8,7 +8,10 @@ Modules (numpy/scipy unless noted; TensorFlow only where scores are produced):
   scores               white-box canary scores from the released updates' projections
   canaries             (TF) gradient canaries injected into DPModel, and the projection recorder
   input_canaries       (TF) black-box canaries: mislabelled examples, scored by their loss
-  losses               (TF) per-example losses of a Keras model (the membership score producer)
+  losses               (TF) per-example losses of a Keras model (the membership score producer;
+                       the run's own loss for the trainer's tasks)
+  run_membership       (TF) a finished run's members and non-members with subgroups, read from
+                       its config through the trainer's task data; refusals; scoring
   membership           loss-threshold membership inference, overall and per subgroup, with
                        bootstrap CIs (tfdpfair.fairness.bootstrap)
   report               audit.md section and plots (matplotlib)

@@ -147,12 +147,21 @@ def canary_section(audit: Mapping[str, Any]) -> list[str]:
         "tailored canaries, is loose).", ""]
 
 
+def membership_setup_text(setup: Mapping[str, Any] | None) -> str:
+    """What the attack compared: data, members, non-members (which held-out split), loss, CIs."""
+    if not setup:
+        return ("Loss-threshold membership inference (score −loss), training set (members) vs "
+                "held-out test set (non-members); 95% bootstrap CIs.")
+    return (f"Loss-threshold membership inference (score −loss; loss: {setup['loss']}) on "
+            f"{setup['data']}: members = the {setup['members']}, non-members = the held-out "
+            f"{setup['non_members']}; 95% bootstrap CIs, resampling by {setup['bootstrap']}.")
+
+
 def membership_section(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines = [f"### Membership inference — {NOT_FOR_RELEASE}", "",
              f"> **{NOT_FOR_RELEASE}.** These numbers are {_MEMBERSHIP_WHY}. Who may see them: "
              f"{WHO_MAY_SEE}.", "",
-             "Loss-threshold membership inference (score −loss), training set (members) vs "
-             "held-out test set (non-members); 95% bootstrap CIs.", ""]
+             membership_setup_text(next(iter(results.values()), {}).get("setup")), ""]
     for name, res in results.items():
         names = res["metrics"]
         lines += [f"**{name}**", "", "| slice | members / non-members | " + " | ".join(names)
