@@ -235,8 +235,7 @@ def ghost_clipped_grad_sum(
     for p in pieces:
         if isinstance(p, ghost_rules.KernelPiece):
             large = p.piece.is_large()
-            g = gl.grouped_to_kernel(p.piece.weighted_sum(
-                factors, keep, after=after if large else ()), p.shape)
+            g = p.to_variable(p.piece.weighted_sum(factors, keep, after=after if large else ()))
             after = [g] if large else after
         else:
             g = tf.tensordot(factors, gl.zero_rows(p.grads, keep), axes=[[0], [0]])

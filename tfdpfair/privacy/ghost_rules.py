@@ -53,6 +53,11 @@ class KernelPiece:
     def variable(self):
         return self.piece.variable
 
+    def to_variable(self, summed: tf.Tensor) -> tf.Tensor:
+        """The piece's weighted sum ([G, P, O] for a LinearPiece) in the variable's layout
+        (HWIO for convs and Dense); subclasses with other layouts override this."""
+        return gl.grouped_to_kernel(summed, self.shape)
+
 
 def _concat(records: list[dict], key: str, fn: Callable[[Any], tf.Tensor]) -> tf.Tensor:
     """fn(record) of every call of the layer, concatenated along the position axis T."""
@@ -379,8 +384,12 @@ RULES: list[Rule] = [
 
 
 def rule_for(layer) -> Rule | None:
-    """The rule for ``layer``'s exact class, or None."""
-    for rule in RULES:
+    """The rule for ``layer``'s exact class (:data:`RULES`, then the stock Keras layers of
+    :mod:`~tfdpfair.privacy.ghost_rules_keras` and :mod:`~tfdpfair.privacy.ghost_rules_tokens`),
+    or None."""
+    # Those modules import this one, so they are registered here, lazily.
+    from tfdpfair.privacy import ghost_rules_keras, ghost_rules_tokens
+    for rule in RULES + ghost_rules_keras.RULES + ghost_rules_tokens.RULES:
         if rule.matches(layer):
             return rule
     return None
