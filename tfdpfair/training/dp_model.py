@@ -55,6 +55,28 @@ REFUSED_FIT_KWARGS = {
 }
 
 
+def _auto_with_fallback(fallback: list[str], num_trained: int) -> str:
+    """clipping="auto" when the trained variables ``fallback`` (paths) have no ghost rule:
+    "ghost" if any trained variable has one (the others get per-example gradients inside
+    ghost clipping), "vectorized" if none has. Logs which variables fall back."""
+    shown = ", ".join(fallback[:5]) + (f" and {len(fallback) - 5} more"
+                                       if len(fallback) > 5 else "")
+    if len(fallback) >= num_trained:
+        _log.warning(
+            "DP clipping: vectorized per-example gradients, because no trained variable belongs "
+            "to a layer with a ghost-clipping rule (%s). Rules cover Dense, Conv1D/2D, "
+            "DepthwiseConv2D, SeparableConv2D, EinsumDense, Embedding, WSConv2D, normalisation "
+            "affines and NFNet/WRN blocks (docs/ghost_clipping.md).", shown)
+        return "vectorized"
+    _log.warning(
+        "DP clipping: ghost norms; %d of %d trained variable(s) belong to layers without a "
+        "ghost-clipping rule and fall back to per-example gradients (tf.vectorized_map of the "
+        "one-example loss, an extra per-example forward and backward pass): %s. Freeze or "
+        "replace those layers to avoid that cost (docs/ghost_clipping.md).",
+        len(fallback), num_trained, shown)
+    return "ghost"
+
+
 @keras.saving.register_keras_serializable(package="tfdpfair")
 class DPModel(keras.Model):
     """Wraps a Keras model (sharing its variables) and trains it with DP-SGD in ``fit()``."""
@@ -393,24 +415,14 @@ class DPModel(keras.Model):
 
     def _clipping_method(self, data) -> str:
         """"vectorized" or "ghost" for DPConfig.clipping (see its docstring); logs the choice
-        and, when "auto" falls back to vectorized, the variables that forced it."""
+        and, for "auto", the variables without a ghost rule (per-example fallback)."""
         requested = self.dp_config.clipping
         if requested != "auto":
             _log.info("DP clipping: %s (DPConfig.clipping=%r).", requested, requested)
             return requested
         fallback = ghost_clipping.describe_plan(self.inner)["fallback"]
         if fallback:
-            shown = ", ".join(fallback[:5]) + (f" and {len(fallback) - 5} more"
-                                               if len(fallback) > 5 else "")
-            _log.warning(
-                "DP clipping: vectorized per-example gradients for the whole model, because "
-                "%d trained variable(s) belong to layers without a ghost-clipping rule: %s. "
-                "Vectorized clipping is slower and holds one gradient per example (for stock "
-                "Conv2D layers TensorFlow may run it as a while_loop). Layers with rules: "
-                "Dense, Conv2D, WSConv2D, normalisation affines, NFNet/WRN blocks "
-                "(docs/ghost_clipping.md); freeze the others or replace them to use ghost "
-                "clipping.", len(fallback), shown)
-            return "vectorized"
+            return _auto_with_fallback(fallback, len(self.inner.trainable_variables))
         _log.info("DP clipping: ghost norms for all trained variables.")
         return "ghost"
 
