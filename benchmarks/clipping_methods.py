@@ -52,9 +52,6 @@ def run_case(model_name: str, batch: int, method: str, repeats: int, policy: str
     keras.mixed_precision.set_global_policy(policy)
     from tfdpfair.models.nfnet import build_nfnet
     from tfdpfair.models.wide_resnet import build_wide_resnet
-    from tfdpfair.privacy.clipping import clipped_grad_sum
-    from tfdpfair.privacy.ghost_clipping import batch_example_loss_fn, ghost_clipped_grad_sum
-    from tfdpfair.training.example_loss import example_loss_fn
 
     kind, variant, shape = MODELS[model_name]
     keras.utils.set_random_seed(0)
@@ -62,11 +59,32 @@ def run_case(model_name: str, batch: int, method: str, repeats: int, policy: str
         model = build_nfnet(variant, 10, shape, drop_rate=0.0, stochdepth_rate=0.0)
     else:
         model = build_wide_resnet(variant, 10, shape)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(batch,) + shape).astype(np.float32))
     y = tf.constant(rng.integers(0, 10, batch).astype(np.int32))
-    mask = tf.ones([batch])
+    step = make_step(model, method, x, y, jit)
+    rss_before = _rss_mb()
+    timing = time_step(step, repeats)
+    return {"model": model_name, "input": list(shape), "batch": batch, "method": method,
+            **timing, "peak_rss_mb": round(_rss_mb(), 1),
+            "rss_before_step_mb": round(rss_before, 1),
+            "examples_per_s": round(batch / timing["step_s"], 1),
+            "params": int(model.count_params()), "policy": policy, "jit": jit,
+            "threads": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+def make_step(model, method: str, x, y, jit: bool = False):
+    """A compiled micro-batch step on (x, y): "nonprivate" (gradient of the summed loss),
+    "vectorized" (clipping.clipped_grad_sum) or "ghost" (ghost_clipped_grad_sum), C = 1."""
+    import keras
+    import tensorflow as tf
+
+    from tfdpfair.privacy.clipping import clipped_grad_sum
+    from tfdpfair.privacy.ghost_clipping import batch_example_loss_fn, ghost_clipped_grad_sum
+    from tfdpfair.training.example_loss import example_loss_fn
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    mask = tf.ones([int(x.shape[0])])
     variables = model.trainable_variables
 
     if method == "nonprivate":
@@ -91,8 +109,11 @@ def run_case(model_name: str, batch: int, method: str, repeats: int, policy: str
         def step():
             return ghost_clipped_grad_sum(model, fn, variables, (x, y), mask, 1.0,
                                           has_aux=True).grad_sum
+    return step
 
-    rss_before = _rss_mb()
+
+def time_step(step, repeats: int) -> dict:
+    """{"step_s": median of ``repeats`` calls after 2 warm-ups, "trace_and_first_s"}."""
     start = time.perf_counter()
     [g.numpy() for g in step()]
     first = time.perf_counter() - start
@@ -102,12 +123,7 @@ def run_case(model_name: str, batch: int, method: str, repeats: int, policy: str
         start = time.perf_counter()
         [g.numpy() for g in step()]
         times.append(time.perf_counter() - start)
-    return {"model": model_name, "input": list(shape), "batch": batch, "method": method,
-            "step_s": round(statistics.median(times), 4), "trace_and_first_s": round(first, 2),
-            "peak_rss_mb": round(_rss_mb(), 1), "rss_before_step_mb": round(rss_before, 1),
-            "examples_per_s": round(batch / statistics.median(times), 1),
-            "params": int(model.count_params()), "policy": policy, "jit": jit,
-            "threads": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+    return {"step_s": round(statistics.median(times), 4), "trace_and_first_s": round(first, 2)}
 
 
 def main() -> None:
