@@ -11,9 +11,10 @@ Two kinds of case:
   per-example fallback for the rest), "vectorized". Variants ``+dw_norule`` / ``+conv_norule``
   make DepthwiseConv2D (the situation before issue 23) or every conv rule-less, so their
   kernels fall back: the check that "ghost with fallback" is not slower than "vectorized".
-* ``fit``: DPModel.fit with DPConfig(clipping="auto") at Poisson rate q = B/N < 1
-  (micro-batch B), against plain ``model.fit`` at batch B; median wall time per logical step
-  (StepTimer, first step dropped), the clipping method DPModel chose and the fallback variables.
+* ``fit``: DPModel.fit with DPConfig(clipping="auto") ("dp"; "dp_vectorized" forces
+  vectorized) at Poisson rate q = B/N < 1 (micro-batch B), against plain ``model.fit`` at
+  batch B: median wall time per logical step (StepTimer, first step dropped), the clipping
+  method DPModel chose and the fallback variables.
 
   python benchmarks/keras_apps.py                         # the docs/benchmarks.md rows
   python benchmarks/keras_apps.py --cases mobilenetv2:step:ghost mobilenetv2:fit:dp
@@ -35,10 +36,14 @@ SHAPE, CLASSES, BATCH = (32, 32, 3), 10, 32
 DEFAULT_CASES = [
     "mobilenetv2:step:nonprivate", "mobilenetv2:step:ghost", "mobilenetv2:step:vectorized",
     "mobilenetv2+dw_norule:step:ghost", "mobilenetv2+conv_norule:step:ghost",
-    "mobilenetv2:fit:nonprivate", "mobilenetv2:fit:dp",
+    "mobilenetv2:fit:nonprivate", "mobilenetv2:fit:dp", "mobilenetv2:fit:dp_vectorized",
     "resnet50:step:nonprivate", "resnet50:step:ghost",
     "resnet50:fit:nonprivate", "resnet50:fit:dp",
 ]
+
+
+FIT_CLIPPING = {"dp": "auto", "dp_vectorized": "vectorized"}
+"""fit methods -> DPConfig.clipping ("dp_vectorized": what "auto" chose before issue 23)."""
 
 
 def cpu_model() -> str:
@@ -128,7 +133,7 @@ def run_fit(name: str, method: str, steps: int, examples: int) -> dict:
     else:
         dp = tfdpfair.make_private(model, tfdpfair.DPConfig(
             expected_batch_size=BATCH, micro_batch_size=BATCH, noise_multiplier=1.0,
-            delta=1e-5, l2_norm_clip=1.0, clipping="auto"))
+            delta=1e-5, l2_norm_clip=1.0, clipping=FIT_CLIPPING[method]))
         dp.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
         dp.fit(x, y, steps=steps, verbose=0, callbacks=[timer])
         fallback = describe_plan(model)["fallback"]
@@ -155,7 +160,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES,
                         help="model[+dw_norule|+conv_norule]:step:{nonprivate,ghost,vectorized} "
-                             "or model:fit:{nonprivate,dp}")
+                             "or model:fit:{nonprivate,dp,dp_vectorized}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="fit steps (first one dropped)")
     parser.add_argument("--examples", type=int, default=128, help="fit: N (q = B/N)")

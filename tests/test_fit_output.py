@@ -46,24 +46,28 @@ def test_bar_ends_at_the_steps_that_ran_when_stopped_early(capsys):
     assert counts[-1] == (6, 11)  # two calls of 3 steps ran
 
 
+class NoRuleDepthwise(keras.layers.DepthwiseConv2D):
+    """A subclass: ghost rules match exact classes, so its kernel falls back."""
+
+
 def test_the_clipping_method_and_its_reason_are_logged(caplog):
-    """A model with a layer that has no ghost rule (DepthwiseConv2D, as in MobileNetV2) says
-    that it runs vectorized clipping and which variables forced it (issue 20 item 6)."""
+    """A model with a layer that has no ghost rule says which variables fall back to
+    per-example gradients inside ghost clipping (issue 20 item 6, issue 23 item 5)."""
     import logging
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(16, 6, 6, 2)).astype(np.float32), rng.integers(0, 3, 16)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.DepthwiseConv2D(3, name="dw"),
+    model = keras.Sequential([keras.Input((6, 6, 2)), NoRuleDepthwise(3, name="dw"),
                               keras.layers.Flatten(), keras.layers.Dense(3, name="head")])
     dp = make_private(model, DPConfig(l2_norm_clip=1.0, expected_batch_size=8,
                                       noise_multiplier=1.0, delta=1e-3))
     dp.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with caplog.at_level(logging.INFO, logger="tfdpfair"):
         dp.fit(x, y, steps=1, verbose=0)
-    assert dp.clipping_method == "vectorized"
+    assert dp.clipping_method == "ghost"
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warning and "dw/kernel" in warning[0] and "vectorized" in warning[0]
+    assert warning and "dw/kernel" in warning[0] and "fall back" in warning[0]
     assert "head/kernel" not in warning[0]
 
     dense = make_private(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),

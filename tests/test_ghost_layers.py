@@ -168,6 +168,17 @@ def test_augmult_views_and_one_example_chunks(make, monkeypatch):
     assert_matches(run_ghost(model, x, y, MASK, 0.1, views=2), expected, norms)
 
 
+@pytest.mark.parametrize("make", [depthwise_net, token_net], ids=lambda f: f.__name__)
+def test_xla_gives_the_same_clipped_sum(make):
+    """jit_compile=True over the shifted-window depthwise route and the sorted-id embedding
+    norms (static shapes): the same result as the brute-force loop."""
+    model = build(make)
+    x, y = inputs(model), np.array([0, 1, 2, 0, 1, 2], np.int32)
+    expected, norms = brute_force(model, x, y, MASK, 0.2)
+    xla = tf.function(lambda: run_ghost(model, x, y, MASK, 0.2), jit_compile=True)()
+    assert_matches(xla, expected, norms)
+
+
 @pytest.mark.parametrize("config", [
     dict(shape=(1, 7, 7, 3), k=(3, 3), s=(2, 2), pad="same", d=(1, 1), m=2),
     dict(shape=(1, 8, 5, 2), k=(3, 2), s=(2, 2), pad="same", d=(1, 1), m=1),

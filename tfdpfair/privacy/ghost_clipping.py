@@ -10,7 +10,8 @@ c_i = 0 and contributes exactly zero. What differs is how ‖g_i‖ and the sum 
 
 1. ONE batched forward pass of ``batch_loss_fn`` under a gradient tape, during which every layer
    with a rule (:mod:`tfdpfair.privacy.ghost_rules`: Dense, Conv2D, WSConv2D, GroupNorm /
-   LayerNorm affine parameters, NFNet / WRN SkipInit gains) runs through a recording ``call``
+   LayerNorm affine parameters, NFNet / WRN SkipInit gains; DepthwiseConv2D, SeparableConv2D,
+   Conv1D, EinsumDense, Embedding) runs through a recording ``call``
    that keeps its input and watches its pre-activation output z.
 2. ONE backward pass of L = Σ_i l_i to those outputs only: row i of ∂L/∂z is ∂l_i/∂z_i,
    because DP-safe models do not mix examples. No weight gradient is formed here.
@@ -26,7 +27,7 @@ c_i = 0 and contributes exactly zero. What differs is how ‖g_i‖ and the sum 
    a full backward, and 0·NaN from a non-finite row would leak into it; book-keeping zeroes
    those rows exactly.)
 
-Variables without a rule (e.g. Embedding, EinsumDense, custom layers, a Dense subclass) fall
+Variables without a rule (e.g. custom layers, a Dense subclass, LoRA layers) fall
 back to exact per-example gradients by ``tf.vectorized_map`` of the one-example loss for those
 variables only, combined into the same global norm and summed from the same per-example
 gradients. That costs a second, per-example forward and backward pass through the model above

@@ -19,6 +19,11 @@ Rules match the exact class (a subclass may override ``call``):
   GroupNormalization, LayerNormalization   gamma, beta (batch axis not normalised)
   NFBlock         skip_gain (a scalar SkipInit gain; the block's sub-layers have their own rules)
   WideResNetBlock skip_gain (use_skip_init=True)
+
+Stock Keras layers beyond these have rules in :mod:`tfdpfair.privacy.ghost_rules_keras`
+(DepthwiseConv2D, SeparableConv2D, Conv1D) and :mod:`tfdpfair.privacy.ghost_rules_tokens`
+(EinsumDense, Embedding), registered by :func:`rule_for`. A piece's weighted sum is put into the
+variable's layout by ``KernelPiece.to_variable`` (HWIO here; other layouts override it).
 """
 
 from __future__ import annotations

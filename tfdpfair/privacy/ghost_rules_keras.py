@@ -45,6 +45,12 @@ def activate(layer, z):
     return layer.activation(z) if layer.activation is not None else z
 
 
+def _kernel_and_bias(layer) -> list:
+    if not plain_channels_last(layer):
+        return []
+    return [v for v in (layer.kernel, layer.bias if layer.use_bias else None) if v is not None]
+
+
 def _static(records, batch) -> bool:
     return isinstance(batch, int) and all(
         r["x"].shape.is_fully_defined() and r["dz"].shape.is_fully_defined() for r in records)
@@ -82,10 +88,7 @@ class DepthwiseConv2DRule(gr.Rule):
     layer_type = keras.layers.DepthwiseConv2D
 
     def variables(self, layer):
-        if not plain_channels_last(layer):
-            return []
-        return [v for v in (layer.kernel, layer.bias if layer.use_bias else None)
-                if v is not None]
+        return _kernel_and_bias(layer)
 
     def forward(self, layer, original, capture, inputs, *args, **kwargs):
         z = add_bias(_depthwise(layer, inputs, layer.kernel),
@@ -144,10 +147,7 @@ class Conv1DRule(gr.Rule):
     layer_type = keras.layers.Conv1D
 
     def variables(self, layer):
-        if not plain_channels_last(layer):
-            return []
-        return [v for v in (layer.kernel, layer.bias if layer.use_bias else None)
-                if v is not None]
+        return _kernel_and_bias(layer)
 
     @staticmethod
     def _padding(layer) -> str:

@@ -22,8 +22,8 @@ output are refused: those kernels fall back to per-example gradients.
 
 **Embedding** z[i, t] = W[id_it] for W [V, D]: g_i = Σ_t e_{id_it} δ_itᵀ, a sum of one-hot rows,
 so ‖g_i‖² = Σ_v ‖Σ_{t: id_it = v} δ_it‖² = Σ_{t,s: id_it = id_is} δ_it·δ_is (repeated ids add
-up before squaring). It is computed by one segment sum of the δ rows over the distinct
-(example, id) pairs (memory of δ, never [B, V, D]), and Σ_i c_i g_i by one scatter-add of the
+up before squaring). It is computed by sorting each example's ids and one segment sum of the
+δ rows over the runs of equal ids (memory of δ, never [B, V, D]), and Σ_i c_i g_i by one scatter-add of the
 c-weighted δ rows into [V, D]. mask_zero changes nothing here: id 0 is looked up as any id,
 and the layers after it give its positions whatever gradient they give (zero for masked
 reductions). Ids outside [0, V) contribute nothing (as TensorFlow's gather gradient drops them),
@@ -203,16 +203,21 @@ class GatherPiece:
         return False
 
     def sq_norms(self, after: Sequence[tf.Tensor] = ()) -> tf.Tensor:
-        """‖g_i‖² [B]: the δ rows of equal (example, id) summed, then squared (NaN stays)."""
+        """‖g_i‖² [B]: each example's δ rows sorted by id, rows of equal id summed (one segment
+        per run of equal ids), then squared. Static output shapes, no tf.unique (XLA-safe);
+        memory of δ. NaN stays in its own example."""
         ids, grads = self._valid()
-        ids = tf.cast(ids, tf.int64)
-        batch, width = tf.shape(ids, tf.int64)[0], int(self.grads.shape[-1])
-        example = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(ids, tf.int64))
-        keys, slot = tf.unique(tf.reshape(example * int(self.variable.shape[0]) + ids, [-1]))
-        summed = tf.math.unsorted_segment_sum(tf.reshape(grads, [-1, width]), slot,
-                                              tf.size(keys))
-        return tf.math.unsorted_segment_sum(tf.reduce_sum(tf.square(summed), -1),
-                                            keys // int(self.variable.shape[0]), batch)
+        order = tf.argsort(ids, axis=1, stable=True)
+        ids, grads = tf.gather(ids, order, batch_dims=1), tf.gather(grads, order, batch_dims=1)
+        shape = tf.shape(ids)
+        first = tf.ones_like(ids[:, :1], tf.bool)
+        new_run = tf.concat([first, ids[:, 1:] != ids[:, :-1]], axis=1)
+        segment = (tf.cumsum(tf.cast(new_run, tf.int32), axis=1) - 1
+                   + tf.range(shape[0])[:, None] * shape[1])  # example i: i·T + run index
+        summed = tf.math.unsorted_segment_sum(
+            tf.reshape(grads, [-1, int(self.grads.shape[-1])]), tf.reshape(segment, [-1]),
+            tf.size(ids))
+        return tf.reduce_sum(tf.reshape(tf.reduce_sum(tf.square(summed), -1), shape), axis=1)
 
     def weighted_sum(self, factors: tf.Tensor, keep: tf.Tensor,
                      after: Sequence[tf.Tensor] = ()) -> tf.Tensor:
