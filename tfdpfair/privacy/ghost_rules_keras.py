@@ -28,8 +28,9 @@ from tfdpfair.privacy import ghost_rules as gr
 from tfdpfair.privacy.ghost_depthwise import depthwise_per_example_gradients
 
 
-def plain_channels_last(layer) -> bool:
-    """channels_last and no LoRA / quantisation (the rules re-implement only the plain call)."""
+def plain_layer(layer) -> bool:
+    """No LoRA / quantisation, and channels_last where the layer has a data_format (the rules
+    re-implement only the plain call)."""
     return (getattr(layer, "data_format", "channels_last") == "channels_last"
             and not getattr(layer, "lora_enabled", False)
             and not getattr(layer, "quantization_mode", None))
@@ -46,7 +47,7 @@ def activate(layer, z):
 
 
 def _kernel_and_bias(layer) -> list:
-    if not plain_channels_last(layer):
+    if not plain_layer(layer):
         return []
     return [v for v in (layer.kernel, layer.bias if layer.use_bias else None) if v is not None]
 
@@ -110,7 +111,7 @@ class SeparableConv2DRule(gr.Rule):
     layer_type = keras.layers.SeparableConv2D
 
     def variables(self, layer):
-        if not plain_channels_last(layer):
+        if not plain_layer(layer):
             return []
         return [v for v in (layer.depthwise_kernel, layer.pointwise_kernel,
                             layer.bias if layer.use_bias else None) if v is not None]
@@ -131,7 +132,8 @@ class SeparableConv2DRule(gr.Rule):
             out.append(_depthwise_piece(layer.depthwise_kernel, depthwise, batch, layer, mode))
         kernel = layer.pointwise_kernel
         if id(kernel) in wanted:
-            a = gr._concat(pointwise, "u", lambda r: gl.per_example_rows(r["u"], batch)[:, :, None])
+            a = gr._concat(pointwise, "u",
+                           lambda r: gl.per_example_rows(r["u"], batch)[:, :, None])
             d = gr._concat(pointwise, "dz",
                            lambda r: gl.per_example_rows(r["dz"], batch)[:, :, None])
             out.append(gr.KernelPiece(gl.LinearPiece(kernel, a, d, mode=mode),

@@ -23,11 +23,11 @@ output are refused: those kernels fall back to per-example gradients.
 **Embedding** z[i, t] = W[id_it] for W [V, D]: g_i = Σ_t e_{id_it} δ_itᵀ, a sum of one-hot rows,
 so ‖g_i‖² = Σ_v ‖Σ_{t: id_it = v} δ_it‖² = Σ_{t,s: id_it = id_is} δ_it·δ_is (repeated ids add
 up before squaring). It is computed by sorting each example's ids and one segment sum of the
-δ rows over the runs of equal ids (memory of δ, never [B, V, D]), and Σ_i c_i g_i by one scatter-add of the
-c-weighted δ rows into [V, D]. mask_zero changes nothing here: id 0 is looked up as any id,
-and the layers after it give its positions whatever gradient they give (zero for masked
-reductions). Ids outside [0, V) contribute nothing (as TensorFlow's gather gradient drops them),
-and can never merge two examples' rows.
+δ rows over the runs of equal ids (memory of δ, never [B, V, D]), and Σ_i c_i g_i by one
+scatter-add of the c-weighted δ rows into [V, D]. mask_zero changes nothing here: id 0 is
+looked up as any id, and the layers after it give its positions whatever gradient they give
+(zero for masked reductions). Ids outside [0, V) contribute nothing (as TensorFlow's gather
+gradient drops them), and can never merge two examples' rows.
 """
 
 from __future__ import annotations
@@ -42,12 +42,7 @@ import tensorflow as tf
 
 from tfdpfair.privacy import ghost_linear as gl
 from tfdpfair.privacy import ghost_rules as gr
-from tfdpfair.privacy.ghost_rules_keras import activate, add_bias
-
-
-def _plain(layer) -> bool:
-    return not getattr(layer, "lora_enabled", False) and not getattr(
-        layer, "quantization_mode", None)
+from tfdpfair.privacy.ghost_rules_keras import activate, add_bias, plain_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +138,7 @@ class EinsumDenseRule(gr.Rule):
         return einsum_layout(layer.equation, layer.input_spec.ndim)
 
     def variables(self, layer):
-        layout = self._layout(layer) if _plain(layer) else None
+        layout = self._layout(layer) if plain_layer(layer) else None
         if layout is None:
             return []
         bias = getattr(layer, "bias", None)
@@ -239,7 +234,7 @@ class EmbeddingRule(gr.Rule):
     layer_type = keras.layers.Embedding
 
     def variables(self, layer):
-        return [layer.embeddings] if _plain(layer) else []
+        return [layer.embeddings] if plain_layer(layer) else []
 
     def forward(self, layer, original, capture, inputs, *args, **kwargs):
         ids = tf.cast(inputs, tf.int32) if inputs.dtype not in (tf.int32, tf.int64) else inputs
