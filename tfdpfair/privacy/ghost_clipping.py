@@ -61,7 +61,7 @@ import tensorflow as tf
 from tfdpfair.data import augment
 from tfdpfair.models.layer_paths import iter_layers_with_paths
 from tfdpfair.privacy import ghost_linear as gl
-from tfdpfair.privacy import ghost_rules
+from tfdpfair.privacy import ghost_registry, ghost_rules
 from tfdpfair.privacy.clipping import ClippedGradients, clip_factors, per_example_gradients
 
 BatchLossFn = Callable[[Any], Any]
@@ -129,7 +129,7 @@ def plan_rules(model: keras.Model, variables: Sequence[Any]):
     wanted = {id(v) for v in variables}
     rules, layers, covered = {}, [], set()
     for _, layer in iter_layers_with_paths(model):
-        rule = ghost_rules.rule_for(layer)
+        rule = ghost_registry.rule_for(layer)
         if rule is None or not getattr(layer, "built", False):
             continue
         mine = {id(v) for v in rule.variables(layer)} & wanted

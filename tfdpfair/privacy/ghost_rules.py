@@ -22,8 +22,9 @@ Rules match the exact class (a subclass may override ``call``):
 
 Stock Keras layers beyond these have rules in :mod:`tfdpfair.privacy.ghost_rules_keras`
 (DepthwiseConv2D, SeparableConv2D, Conv1D) and :mod:`tfdpfair.privacy.ghost_rules_tokens`
-(EinsumDense, Embedding), registered by :func:`rule_for`. A piece's weighted sum is put into the
-variable's layout by ``KernelPiece.to_variable`` (HWIO here; other layouts override it).
+(EinsumDense, Embedding); :mod:`tfdpfair.privacy.ghost_registry` tries them all. A piece's
+weighted sum is put into the variable's layout by ``KernelPiece.to_variable`` (HWIO here;
+other layouts override it).
 """
 
 from __future__ import annotations
@@ -389,12 +390,9 @@ RULES: list[Rule] = [
 
 
 def rule_for(layer) -> Rule | None:
-    """The rule for ``layer``'s exact class (:data:`RULES`, then the stock Keras layers of
-    :mod:`~tfdpfair.privacy.ghost_rules_keras` and :mod:`~tfdpfair.privacy.ghost_rules_tokens`),
-    or None."""
-    # Those modules import this one, so they are registered here, lazily.
-    from tfdpfair.privacy import ghost_rules_keras, ghost_rules_tokens
-    for rule in RULES + ghost_rules_keras.RULES + ghost_rules_tokens.RULES:
+    """The rule of :data:`RULES` for ``layer``'s exact class, or None (every rule, the stock
+    Keras layers' too: :func:`tfdpfair.privacy.ghost_registry.rule_for`)."""
+    for rule in RULES:
         if rule.matches(layer):
             return rule
     return None

@@ -1,6 +1,6 @@
 """Ghost-clipping rules for stock Keras layers beyond Dense / Conv2D / normalisation.
 
-Registered from :func:`tfdpfair.privacy.ghost_rules.rule_for` (same :class:`Rule` interface,
+Registered in :func:`tfdpfair.privacy.ghost_registry.rule_for` (same :class:`Rule` interface,
 exact class match, channels_last only; LoRA / quantised layers have no rule and fall back):
 
   DepthwiseConv2D  kernel [kh, kw, C, M] as a grouped conv with G = C groups (P = kh·kw,
@@ -181,4 +181,4 @@ class Conv1DRule(gr.Rule):
 
 
 RULES: list[gr.Rule] = [DepthwiseConv2DRule(), SeparableConv2DRule(), Conv1DRule()]
-"""Rules for stock Keras layers, tried by ``ghost_rules.rule_for`` after ``ghost_rules.RULES``."""
+"""Rules for stock Keras layers, tried by ``ghost_registry.rule_for`` after ghost_rules.RULES."""

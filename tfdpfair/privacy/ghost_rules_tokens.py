@@ -1,6 +1,6 @@
 """Ghost-clipping rules for EinsumDense and Embedding (the layers of token models).
 
-Registered from :func:`tfdpfair.privacy.ghost_rules.rule_for`; LoRA / quantised layers have
+Registered in :func:`tfdpfair.privacy.ghost_registry.rule_for`; LoRA / quantised layers have
 no rule (their variables fall back to per-example gradients).
 
 **EinsumDense** z = einsum("in,kernel->out", x, W) (+ bias, broadcast right-aligned). Each
@@ -252,4 +252,4 @@ class EmbeddingRule(gr.Rule):
 
 
 RULES: list[gr.Rule] = [EinsumDenseRule(), EmbeddingRule()]
-"""Tried by ``ghost_rules.rule_for`` after the other rule lists."""
+"""Tried by ``ghost_registry.rule_for`` after the other rule lists."""
