@@ -52,9 +52,9 @@ SOFTMAX = dict(num_examples=160, inputs=6, classes=4)
 EQUIVALENCE = dict(l2_norm_clip=1.0, expected_batch_size=48, micro_batch_size=2,
                    noise_multiplier=1e-3, delta=1e-3, noise_seed=11, sampling_seed=22)
 EQUIVALENCE_STEPS, EQUIVALENCE_LR = 6, 0.5
-# Padding runs: m = 12 (not a multiple of 8), so a trimmed last micro-batch has 8 or 12 rows per
-# replica; with R = 2 a step is 1-3 micro-batches of 24 and the remainder is split over replicas.
-PADDING = dict(EQUIVALENCE, micro_batch_size=12)
+# Padding runs: m = 20, so a last micro-batch has 8 rows per replica (trimmed) or 20; with R = 2
+# a step is 2 micro-batches of 40 and the trimmed remainder is split over the replicas.
+PADDING = dict(EQUIVALENCE, micro_batch_size=20)
 # steps_per_execution runs: 10 steps per Keras epoch, T = 14 (calls cross epoch ends), σ = 1.
 PER_CALL = dict(l2_norm_clip=1.0, expected_batch_size=16, micro_batch_size=2,
                 noise_multiplier=1.0, delta=1e-3, noise_seed=3, sampling_seed=4)
@@ -247,15 +247,18 @@ def test_mirrored_replicas_train_like_one_device(mirrored):
 
 
 def test_trimmed_and_full_padding_train_alike_across_replicas(mirrored):
-    """microbatch_padding "trim" (last micro-batch of 8 or 12 rows per replica, its remainder
-    split over the replicas) and "full" (every micro-batch 12 rows per replica), without a
-    strategy and under R = 2: the same weights as the independent numpy DP-SGD (1e-6)."""
+    """microbatch_padding "trim" (last micro-batch of 8 rows per replica, its remainder split
+    over the replicas, or 20 when more than half full) and "full" (every micro-batch 20 rows
+    per replica), without a strategy and under R = 2: the weights of the independent numpy
+    DP-SGD (1e-6)."""
     data = softmax_data()
     q = PADDING["expected_batch_size"] / SOFTMAX["num_examples"]
-    rests = {int(tf.size(sampling.poisson_sample(PADDING["sampling_seed"], t,
-                                                 SOFTMAX["num_examples"], q))) % 24
-             for t in range(EQUIVALENCE_STEPS)}
-    assert rests & set(range(1, 9)) and rests & set(range(9, 24)), rests  # both trims occur
+    sizes = [int(tf.size(sampling.poisson_sample(PADDING["sampling_seed"], t,
+                                                 SOFTMAX["num_examples"], q)))
+             for t in range(EQUIVALENCE_STEPS)]
+    lasts = {int(sampling.last_microbatch_rows(b - (-(-b // (20 * r)) - 1) * 20 * r, 20, r))
+             for b in sizes for r in (1, 2)}
+    assert lasts == {8, 20}, sizes  # both kinds of last micro-batch occur
     kernel, bias = numpy_reference(data, PADDING, EQUIVALENCE_STEPS, EQUIVALENCE_LR)
     for padding in ("trim", "full"):
         for replicas in (0, 2):
@@ -425,8 +428,8 @@ def test_one_example_moves_the_pre_noise_sum_by_at_most_c(replicas, micro_batch_
 @pytest.mark.parametrize("trim_multiple", [None, 2])
 def test_host_shards_partition_the_poisson_sample(num_hosts, num_replicas, trim_multiple):
     """Every sampled index is read by exactly one host; nothing else is read (full padding,
-    and trimmed last micro-batches of 2 or 3 rows per replica)."""
-    seed, n, q, m = 1234, 200, 0.3, 3  # ~60 sampled: several micro-batches even at R = 8
+    and trimmed last micro-batches of 2 rows per replica, or 5)."""
+    seed, n, q, m = 1234, 200, 0.3, 5  # ~60 sampled: several micro-batches even at R = 8
     for step in (0, 1, 5):
         shards = [host_shard(step, sampling_seed=seed, num_examples=n, sampling_rate=q,
                              micro_batch_size=m, num_replicas=num_replicas,

@@ -39,14 +39,15 @@ def numpy_trimmed(b: int, m: int, replicas: int, multiple: int):
     per_step = m * replicas
     k = max(1, -(-b // per_step))
     rest = b - (k - 1) * per_step
-    s = min(m, -(-max(1, -(-rest // replicas)) // multiple) * multiple)
+    s = -(-max(1, -(-rest // replicas)) // multiple) * multiple
+    s = s if 2 * s <= m else m  # more than half full: padded to m
     sample = np.arange(b)
     last = np.zeros(replicas * s, np.int64)
     last[:rest] = sample[(k - 1) * per_step:]
     return sample[:(k - 1) * per_step].reshape(k - 1, per_step), last, rest
 
 
-@pytest.mark.parametrize("m,replicas,multiple", [(12, 1, 8), (12, 2, 8), (5, 4, 2), (3, 3, 8)])
+@pytest.mark.parametrize("m,replicas,multiple", [(12, 1, 8), (20, 2, 8), (5, 4, 2), (3, 3, 8)])
 def test_trimmed_packing_keeps_the_sample_in_order(m, replicas, multiple):
     for b in [0, 1, 7, m * replicas - 1, m * replicas, m * replicas + 1, 3 * m * replicas + 5]:
         indices = tf.range(b, dtype=tf.int64)
@@ -62,12 +63,14 @@ def test_trimmed_packing_keeps_the_sample_in_order(m, replicas, multiple):
 
 
 def test_expected_padding_is_exact_at_q_1_and_matches_a_simulation():
-    # q = 1: b = N = 100 always; m = 32: k = 4; full 128 rows; trimmed 96 + 8 (rest 4).
+    # q = 1: b = N = 100 always; m = 32: k = 4; full 128 rows; trimmed 96 + 8 (rest 4);
+    # N = 120: rest 24 -> 24 > 32/2, the last micro-batch stays at 32 rows.
     full = sampling.expected_padding(100, 1.0, 32)
     trim = sampling.expected_padding(100, 1.0, 32, trim_multiple=8)
     assert full.microbatches == pytest.approx(4) and trim.microbatches == pytest.approx(4)
     assert full.padded_share == pytest.approx(28 / 128) and full.rows == pytest.approx(128)
     assert trim.padded_share == pytest.approx(4 / 104) and trim.rows == pytest.approx(104)
+    assert sampling.expected_padding(120, 1.0, 32, trim_multiple=8).rows == pytest.approx(128)
     rng = np.random.default_rng(0)
     sizes = rng.binomial(640, 0.1, size=200_000)
     for replicas, multiple in [(1, None), (1, 8), (2, 8)]:
@@ -119,7 +122,7 @@ def test_clipping_with_an_unknown_batch_size_matches_brute_force(make_model, sha
 # ---- training: trim = full = numpy DP-SGD ----------------------------------------------
 
 N, D, K = 60, 5, 3
-SOFTMAX_DP = dict(l2_norm_clip=0.7, expected_batch_size=20, micro_batch_size=6,
+SOFTMAX_DP = dict(l2_norm_clip=0.7, expected_batch_size=20, micro_batch_size=16,
                   noise_multiplier=0.3, delta=1e-3, noise_seed=3, sampling_seed=4)
 STEPS, LR = 5, 0.5
 
@@ -155,7 +158,8 @@ def test_trimmed_and_full_padding_give_the_numpy_dp_sgd_weights(clipping, paddin
     q = SOFTMAX_DP["expected_batch_size"] / N
     sizes = [int(tf.size(sampling.poisson_sample(SOFTMAX_DP["sampling_seed"], t, N, q)))
              for t in range(STEPS)]
-    assert {b % 6 for b in sizes} - {0}, sizes  # some last micro-batch is partial
+    lasts = {numpy_trimmed(b, 16, 1, sampling.TRIM_MULTIPLE)[1].size for b in sizes}
+    assert lasts == {8, 16}, sizes  # trimmed last micro-batches, and ones padded to m
     reference = numpy_dp_sgd_softmax_regression(
         x, y, *weights, steps=STEPS, sampling_seed=SOFTMAX_DP["sampling_seed"],
         noise_seed=SOFTMAX_DP["noise_seed"], sampling_rate=q, clip=SOFTMAX_DP["l2_norm_clip"],
@@ -175,7 +179,7 @@ def test_trimmed_padding_trains_a_conv_model_like_full_padding(augmult=2):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 6, 6, 4)).astype(np.float32)
     y = rng.integers(0, 3, 40).astype(np.int32)
-    config = dict(expected_batch_size=13, micro_batch_size=10, noise_multiplier=0.5,
+    config = dict(expected_batch_size=20, micro_batch_size=16, noise_multiplier=0.5,
                   delta=1e-3, l2_norm_clip=0.3, augmult=augmult, augment_pad=1,
                   clipping="ghost", noise_seed=1, sampling_seed=2)
     results = {}
@@ -246,7 +250,7 @@ def logged_run(sampling_seed: int, padding: str):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(K)])
     dp = tfdpfair.make_private(model, tfdpfair.DPConfig(
-        l2_norm_clip=0.5, expected_batch_size=10, micro_batch_size=4, noise_multiplier=1.0,
+        l2_norm_clip=0.5, expected_batch_size=10, micro_batch_size=16, noise_multiplier=1.0,
         delta=1e-3, noise_seed=1, sampling_seed=sampling_seed, microbatch_padding=padding))
     dp.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS,
                metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
@@ -262,7 +266,8 @@ def test_the_realised_batch_size_reaches_no_log(padding):
     sizes = {s: [int(tf.size(sampling.poisson_sample(s, t, 40, q))) for t in range(8)]
              for s in seeds}
     assert sum(sizes[3][:4]) != sum(sizes[6][:4]) and sum(sizes[3]) != sum(sizes[6]), sizes
-    assert [-(-b // 4) for b in sizes[3]] != [-(-b // 4) for b in sizes[6]]  # k_t too
+    rows = {s: [numpy_trimmed(b, 16, 1, 8)[1].size for b in sizes[s]] for s in seeds}
+    assert rows[3] != rows[6]  # and so do the trimmed micro-batches' sizes
     (all_a, public_a, history_a), (all_b, public_b, history_b) = (
         logged_run(s, padding) for s in seeds)
     assert any("nonprivate_loss" in logs for _, _, logs in all_a)  # the test sees them

@@ -59,9 +59,10 @@ class DPConfig:
       microbatch_padding: how a step's sample is padded to micro-batches, with the same
         sample, clipped sums, noise and ε either way (privacy/sampling.py): "full" pads every
         micro-batch to ``micro_batch_size`` (static shapes, as XLA and TPUs need); "trim" pads
-        the last micro-batch of each step only to a multiple of 8 rows per replica (less
-        padding work when the expected batch is a few micro-batches; one more traced shape);
-        "auto" is "trim" without ``jit_compile`` and off TPU, else "full". Either way the step
+        the last micro-batch of each step only to a multiple of 8 rows per replica when that
+        is at most half of ``micro_batch_size`` (less padding work when the expected batch is a
+        few micro-batches; one more traced shape; not with XLA); "auto" is "trim" without
+        ``jit_compile`` and off TPU, else "full". Either way the step
         time depends on the un-noised sample size (docs/privacy.md, "What step times and
         shapes reveal").
       ema_decay: keep an EMA of the released weights with this decay (warm-up

@@ -20,10 +20,14 @@ added and the step is accounted, like every other step.
 
 Trimmed padding (:func:`pack_sample_trimmed`, ``DPConfig.microbatch_padding="trim"``): the same
 k_t micro-batches hold the same examples, but only the first k_t − 1 are full [m] per replica;
-the last carries the remainder ρ = b − (k_t − 1)·m·R in s rows per replica,
-s = min(m, ⌈⌈ρ/R⌉ / M⌉·M) with M = :data:`TRIM_MULTIPLE` (at least min(m, M) rows when ρ = 0).
-Padding then costs at most M − 1 rows per replica and step instead of up to m − 1, at the price
-of one more shape for the last micro-batch (not for XLA/TPU, which compile every shape).
+the last carries the remainder ρ = b − (k_t − 1)·m·R in s rows per replica: s = ⌈⌈ρ/R⌉/M⌉·M
+with M = :data:`TRIM_MULTIPLE` (at least M rows when ρ = 0) if that is at most m/2, else m.
+A last micro-batch more than half full stays padded to m: the step loop runs [m] micro-batches
+through a function traced for that static shape, and others through one traced for an unknown
+batch size, which was up to 2× slower per row (ghost clipping's static-shape paths;
+benchmarks/last_microbatch.py). Padding then costs < M rows per replica in a step whose last
+micro-batch is at most half full, instead of up to m − 1 (not for XLA/TPU: every shape would
+be compiled).
 
 Secrecy: amplification by subsampling holds only if nobody learns which examples were sampled.
 The default seed is therefore drawn from the OS's entropy source; a fixed seed is for tests and
@@ -101,14 +105,16 @@ built per shape (oneDNN primitives, cuDNN autotuning); padding costs < M rows pe
 
 def last_microbatch_rows(remainder: int | tf.Tensor, micro_batch_size: int, num_replicas: int,
                          multiple: int = TRIM_MULTIPLE):
-    """s = min(m, ⌈max(1, ⌈ρ/R⌉)/M⌉·M): rows per replica of a step's trimmed last micro-batch.
+    """s = ⌈max(1, ⌈ρ/R⌉)/M⌉·M if that is <= m/2, else m: rows per replica of a step's last
+    micro-batch under trimmed padding (see the module docstring).
 
     ``remainder`` ρ (0 <= ρ <= m·R) is the number of sampled examples left after the step's
     full micro-batches. Returns an int64 scalar tensor.
     """
     per_replica = (tf.cast(remainder, tf.int64) + num_replicas - 1) // num_replicas
     rounded = (tf.maximum(per_replica, 1) + multiple - 1) // multiple * multiple
-    return tf.minimum(rounded, tf.constant(micro_batch_size, tf.int64))
+    m = tf.constant(micro_batch_size, tf.int64)
+    return tf.where(2 * rounded <= m, rounded, m)
 
 
 def pack_sample_trimmed(indices: tf.Tensor, micro_batch_size: int, num_replicas: int,
@@ -166,8 +172,8 @@ def expected_padding(num_examples: int, sampling_rate: float, micro_batch_size: 
     """E over b ~ Binomial(N, q) of the padding :func:`pack_sample` (``trim_multiple`` None)
     or :func:`pack_sample_trimmed` (M = ``trim_multiple``) adds to a step.
 
-    A plan-time figure (no data involved): e.g. N = 10·B, q = 0.1, m = B gives E[k_t] ≈ 1.5
-    and a padded share ≈ 1/3 with full padding, a few % when trimmed.
+    A plan-time figure (no data involved): e.g. N = 10·B, q = 0.1, m = B = 256 gives
+    E[k_t] ≈ 1.5 and a padded share ≈ 1/3 with full padding, ≈ 1/5 when trimmed.
     """
     from scipy import stats  # noqa: PLC0415  (dp_accounting's dependency; only needed here)
 
@@ -183,7 +189,8 @@ def expected_padding(num_examples: int, sampling_rate: float, micro_batch_size: 
     else:
         rest = b - (k - 1) * per_step
         per_replica = np.maximum(1, -(-rest // num_replicas))
-        last = np.minimum(micro_batch_size, -(-per_replica // trim_multiple) * trim_multiple)
+        last = -(-per_replica // trim_multiple) * trim_multiple
+        last = np.where(2 * last <= micro_batch_size, last, micro_batch_size)
         rows = (k - 1) * per_step + last * num_replicas
     mean_rows = float(np.dot(p, rows))
     return PaddingCost(float(np.dot(p, k)), mean_rows,

@@ -207,14 +207,13 @@ class DPOptimizer(tf.Module):
         rt = self._runtime
         step = self._current_step()
         done = tf.convert_to_tensor(rt.counter)
-        count = rt.loop._num_microbatches(step)
         check = tf.debugging.assert_less(
-            done, count, message=(
+            done, rt.loop._num_microbatches(step), message=(
                 f"{ERROR_PREFIX} accumulate() was called for more micro-batches than logical "
                 "step t has (k_t = dp_opt.microbatches_in_step()); call release() once after "
                 "exactly k_t accumulate() calls"))
         with tf.control_dependencies([check]):
-            rt.loop.accumulate_in_step(element, step, done, count)
+            rt.loop.accumulate_element(element, step, done)
         rt.counter.assign_add(1)
 
     def release(self) -> None:

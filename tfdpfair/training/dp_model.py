@@ -395,9 +395,10 @@ class DPModel(keras.Model):
         strategy = self.distribute_strategy
         tpu = "TPU" in type(strategy).__name__
         mode = self.dp_config.microbatch_padding
-        if mode == "trim" and tpu:
-            raise ValueError("microbatch_padding='trim' needs dynamic shapes, which TPUs do not "
-                             "run; use 'full' (or 'auto').")
+        if mode == "trim" and (tpu or self.jit_compile):
+            raise ValueError("microbatch_padding='trim' needs dynamic shapes, which XLA "
+                             "(jit_compile=True, TPUs) compiles once per shape; use 'full' (or "
+                             "'auto').")
         if mode == "auto":
             mode = "full" if tpu or self.jit_compile else "trim"
         multiple = sampling.TRIM_MULTIPLE if mode == "trim" else None

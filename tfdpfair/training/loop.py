@@ -7,9 +7,9 @@ One call of :meth:`DPStepLoop.train_call` runs s logical steps. For step t it
    replicas agree where the step ends and no collective sits inside a data-dependent branch;
 2. runs k_t ``strategy.run(accumulate)`` calls: each replica clips its micro-batch's per-example
    gradients and adds the clipped sum to its *local* accumulator (no communication). With
-   trimmed padding (``LoopConfig.trim_multiple``) the first k_t − 1 calls run a function traced
-   for the static shape [m] and the last one a second trace for an unknown batch size (the
-   step's remainder, input_pipeline.py): two traces, never one per batch size;
+   trimmed padding (``LoopConfig.trim_multiple``) the element's batch size is unknown at trace
+   time; a micro-batch of m rows runs a branch traced for the static shape [m], a trimmed last
+   micro-batch one traced for an unknown size: two traces, never one per batch size;
 3. runs one ``strategy.run(release)``: after in-graph checks that t is the next step and within
    the plan's T, the step counter moves first (a step that fails later is still counted), then
    each replica passes (L_r + [r = 0]·n)/(B·s) to ``optimizer.apply``, whose all-reduce SUM gives
@@ -87,11 +87,9 @@ class DPStepLoop:
         self.monitors = TrainingMonitors()
         self.variables = list(model.trainable_variables)
         self.train_call = tf.function(self._train_call)
-        self._accumulate_fn = tf.function(self._accumulate_full, jit_compile=config.jit_compile)
-        # The trimmed last micro-batch has an unknown batch size: its own trace, without XLA
-        # (which would compile once per size).
-        self._accumulate_last_fn = self._accumulate_fn if config.trim_multiple is None else (
-            tf.function(self._accumulate, jit_compile=False))
+        # With trimmed padding, no XLA (it would compile once per size): DPModel refuses both.
+        self._accumulate_fn = tf.function(self.accumulate_element,
+                                          jit_compile=config.jit_compile)
         self._release_fn = tf.function(self._release, jit_compile=False)
 
     # ---- replica functions ---------------------------------------------------------------
@@ -135,7 +133,7 @@ class DPStepLoop:
         leaves it unknown because of trimmed padding).
 
         Pinned as ensure_shape(t[:m]), not ensure_shape(t): in a ``tf.cond`` whose other branch
-        takes the same tensor at its real size (:meth:`accumulate_in_step`), Grappler would
+        takes the same tensor at its real size (:meth:`accumulate_element`), Grappler would
         otherwise propagate the static [m] to that branch's ``tf.shape`` (observed in TF 2.21).
         """
         step_tag, *rest = element
@@ -144,9 +142,10 @@ class DPStepLoop:
             lambda t: tf.ensure_shape(t[:m], [m] + t.shape[1:].as_list()), rest)
         self._accumulate((step_tag, *pinned), step, microbatch)
 
-    def accumulate_in_step(self, element, step, microbatch, num_microbatches) -> None:
-        """Replica context, inside the caller's graph: micro-batch ``microbatch`` of k_t =
-        ``num_microbatches`` (the custom-loop API, whose loop is the user's own)."""
+    def accumulate_element(self, element, step, microbatch) -> None:
+        """Replica context: micro-batch ``microbatch`` of step ``step`` (fit's loop and the
+        custom-loop API). Trimmed padding: [m] rows take the static-shape branch, fewer rows
+        (a trimmed last micro-batch) the branch traced for an unknown batch size."""
         if self.config.trim_multiple is None:
             self._accumulate_full(element, step, microbatch)
             return
@@ -154,10 +153,11 @@ class DPStepLoop:
         def full():
             self._accumulate_full(element, step, microbatch)
 
-        def last():
+        def trimmed():
             self._accumulate(element, step, microbatch)
 
-        tf.cond(microbatch + 1 < num_microbatches, full, last)
+        rows = tf.shape(element[3], out_type=tf.int64)[0]
+        tf.cond(tf.equal(rows, self.config.micro_batch_size), full, trimmed)
 
     def _release_checks(self, step) -> list[tf.Operation]:
         """In-graph refusal of a release that is out of order or beyond the plan's T."""
@@ -207,10 +207,8 @@ class DPStepLoop:
         """Runs ``num_steps`` logical steps from ``first_step``; returns the monitor values."""
         for i in tf.range(num_steps):
             step = first_step + i
-            last = self._num_microbatches(step) - 1
-            for microbatch in tf.range(last):
+            for microbatch in tf.range(self._num_microbatches(step)):
                 self.strategy.run(self._accumulate_fn, args=(next(iterator), step, microbatch))
-            self.strategy.run(self._accumulate_last_fn, args=(next(iterator), step, last))
             # The same checks on the host as well: XLA (TPU, jit_compile) drops Assert ops
             # inside compiled replica functions, but this outer loop runs as ordinary TF.
             with tf.control_dependencies(self._release_checks(step)):
