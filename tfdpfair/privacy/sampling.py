@@ -100,7 +100,8 @@ def num_global_microbatches(sample_size: int | tf.Tensor, examples_per_microbatc
 TRIM_MULTIPLE = 8
 """M: with trimmed padding the last micro-batch of a step has a multiple of M rows per replica
 (or m). A bound on the number of distinct shapes (≤ ⌈m/M⌉), for kernels and caches that are
-built per shape (oneDNN primitives, cuDNN autotuning); padding costs < M rows per replica."""
+built per shape (oneDNN primitives, cuDNN autotuning); a trimmed last micro-batch carries < M
+padding rows per replica."""
 
 
 def last_microbatch_rows(remainder: int | tf.Tensor, micro_batch_size: int, num_replicas: int,
@@ -173,7 +174,7 @@ def expected_padding(num_examples: int, sampling_rate: float, micro_batch_size: 
     or :func:`pack_sample_trimmed` (M = ``trim_multiple``) adds to a step.
 
     A plan-time figure (no data involved): e.g. N = 10·B, q = 0.1, m = B = 256 gives
-    E[k_t] ≈ 1.5 and a padded share ≈ 1/3 with full padding, ≈ 1/5 when trimmed.
+    E[k_t] ≈ 1.5 and a padded share ≈ 33% with full padding, ≈ 3% when trimmed.
     """
     from scipy import stats  # noqa: PLC0415  (dp_accounting's dependency; only needed here)
 
