@@ -13,9 +13,12 @@ as B/m micro-batches of m: per-example gradients, clipping, accumulation, noise,
   * TF worker (this file with ``--worker tf``, under .venv): non-DP = Keras
     ``train_on_batch`` on all B examples (SGD, no XLA, like benchmarks/dp_step_time.py); DP =
     ``make_private(model, DPConfig(expected_batch_size=B, micro_batch_size=m))`` and
-    ``DPModel.fit`` over N = B examples, so q = 1 and every logical step holds all B examples,
-    one logical step per Keras batch (timed per batch by a callback, host ε update included).
-    TensorFlow's default threading.
+    ``DPModel.fit`` over N = 10·B examples, so q = 0.1 and each logical step holds
+    |S_t| ~ Binomial(N, q) examples in k_t micro-batches, padded as ``--padding`` says (the real
+    Poisson path; ``--q1``: N = B, every step all B), one logical step per Keras batch (timed
+    per batch by a callback, host ε update included). A DP case's time is the MEAN logical
+    step (steps vary with k_t), normalised per expected example (examples/s = B / mean step);
+    ``padded_row_share`` is the share of padding rows computed. TensorFlow's default threading.
   * torch worker (benchmarks/peers_torch_worker.py, under the peers virtualenv): the same
     architecture in PyTorch, non-DP and Opacus DP in hooks and ghost modes;
     ``torch.set_num_threads(2)``, OMP_WAIT_POLICY=PASSIVE (see --torch-omp-wait-policy).
@@ -55,7 +58,8 @@ def tf_worker(args: argparse.Namespace) -> None:
     from tfdpfair.privacy.ghost_clipping import describe_plan
     from tfdpfair.training.dp_model import make_private
 
-    from step_timer import StepTimer  # benchmarks/ is on sys.path for a script
+    import poisson_steps  # benchmarks/ is on sys.path for a script
+    from step_timer import StepTimer
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch,) + IMAGE_SHAPE, dtype=np.float32)
@@ -63,7 +67,8 @@ def tf_worker(args: argparse.Namespace) -> None:
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     out = {"worker": "tf", "batch": args.batch, "micro_batch": args.micro_batch,
            "tensorflow": tf.__version__, "keras": keras.__version__,
-           "warmup": args.warmup, "repeats": args.repeats}
+           "warmup": args.warmup, "repeats": args.repeats, "q1": args.q1}
+    dp_x, dp_y = poisson_steps.training_set(x, y, args.batch, args.q1)
 
     keras.utils.set_random_seed(0)
     plain = build_wide_resnet("WRN-16-4", NUM_CLASSES, IMAGE_SHAPE)
@@ -88,15 +93,19 @@ def tf_worker(args: argparse.Namespace) -> None:
         if key.endswith("one_micro_batch") and micro == args.micro_batch:
             continue
         config = DPConfig(expected_batch_size=args.batch, micro_batch_size=micro,
-                          noise_multiplier=1.0, noise_seed=0, sampling_seed=0)
+                          noise_multiplier=1.0, noise_seed=0, sampling_seed=0,
+                          microbatch_padding=args.padding)
         dp = make_private(build_wide_resnet("WRN-16-4", NUM_CLASSES, IMAGE_SHAPE), config)
         dp.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
         timer = StepTimer()
-        # N = B, so q = 1: every logical step holds all B examples; one Keras batch = one step.
-        dp.fit(x, y, steps=args.warmup + args.repeats, verbose=0, callbacks=[timer])
-        step_s = statistics.median(timer.times[args.warmup:])
-        out[key] = {"step_s": round(step_s, 4), "examples_per_s": round(args.batch / step_s, 2),
-                    "micro_batch": micro, "logical_steps": int(dp.logical_steps_done)}
+        # N = 10·B (q = 0.1) or, with --q1, N = B; one Keras batch = one logical step.
+        dp.fit(dp_x, dp_y, steps=args.warmup + args.repeats, verbose=0, callbacks=[timer])
+        timed = poisson_steps.per_expected_example(timer.times[args.warmup:], args.batch)
+        out[key] = {"step_s": timed["step_s_mean"], "step_s_median": timed["step_s_median"],
+                    "examples_per_s": timed["expected_examples_per_s"],
+                    "micro_batch": micro, "logical_steps": int(dp.logical_steps_done),
+                    "num_examples": len(dp_x), **poisson_steps.padding_of_steps(
+                        dp, range(args.warmup, args.warmup + args.repeats))}
         # What clipping="auto" runs for example units: ghost if every variable has a rule.
         covered = not describe_plan(dp.inner)["fallback"]
         out["dp_clipping"] = "ghost" if covered else "vectorized"
@@ -105,6 +114,14 @@ def tf_worker(args: argparse.Namespace) -> None:
 
 
 # ---- orchestrator (stdlib only) ------------------------------------------------------------
+
+def tf_machine() -> dict:
+    """CPU model, core count and 1-minute load (benchmarks/poisson_steps.py)."""
+    sys.path.insert(0, HERE)
+    import poisson_steps
+
+    return poisson_steps.machine()
+
 
 def run_worker(cmd: list[str], log, extra_env: dict | None = None) -> dict:
     load = os.getloadavg()[0]
@@ -147,7 +164,13 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=32, help="micro-batch m (DP)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (best of)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per case")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (median)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per case (default 10, mean for DP / median non-DP; "
+                             "3 with --q1)")
+    parser.add_argument("--q1", action="store_true",
+                        help="tfdpfair DP on N = B (every step all B) instead of N = 10·B")
+    parser.add_argument("--padding", default="auto", choices=["auto", "trim", "full"],
+                        help="DPConfig.microbatch_padding of the tfdpfair DP runs")
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--torch-modes", default="non_dp,hooks,ghost")
     parser.add_argument(
@@ -158,6 +181,8 @@ def main() -> None:
              "does not spin this way).")
     parser.add_argument("--log", default=None, help="file for the workers' stderr")
     args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 3 if args.q1 else 10
     if args.worker == "tf":
         tf_worker(args)
         return
@@ -168,7 +193,8 @@ def main() -> None:
         micro = min(args.micro_batch, batch)
         common = ["--batch", str(batch), "--micro-batch", str(micro),
                   "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
-        tf_cmd = [sys.executable, os.path.abspath(__file__), "--worker", "tf"] + common
+        tf_cmd = [sys.executable, os.path.abspath(__file__), "--worker", "tf",
+                  "--padding", args.padding] + (["--q1"] if args.q1 else []) + common
         torch_cmd = [args.peers_python, os.path.join(HERE, "peers_torch_worker.py"),
                      "--threads", str(args.torch_threads), "--modes", args.torch_modes] + common
         tf_runs, torch_runs = [], []
@@ -208,6 +234,11 @@ def main() -> None:
                        [("tfdpfair_non_dp", tf_non), ("tfdpfair_dp", tf_dp),
                         ("torch_non_dp", pt_non), *opacus.items()] if e and "error" in e},
             "dp_clipping_tfdpfair": tf_runs[0].get("dp_clipping"),
+            "tfdpfair_dp_sampling": "q=1 (N=B)" if args.q1 else "Poisson q=0.1 (N=10B)",
+            "tfdpfair_padded_row_share": {k: (e or {}).get("padded_row_share") for k, e in
+                                          (("micro", tf_dp), ("one_micro_batch", tf_dp_one))},
+            "tfdpfair_padding": (tf_dp or {}).get("padding"),
+            "opacus_sampling": "fixed batches of B (q=1)",
             "rounds": args.rounds, "warmup": args.warmup, "repeats": args.repeats,
             "per_round_examples_per_s": {
                 "tf": [{k: eps(r.get(k)) for k in ("non_dp", "tfdpfair_dp",
@@ -223,8 +254,8 @@ def main() -> None:
                          "torch": torch_runs[0]["torch"], "opacus": torch_runs[0]["opacus"]},
             "torch_threads": torch_runs[0]["threads"],
             "torch_omp_wait_policy": args.torch_omp_wait_policy or "default",
-            "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
+            **tf_machine(),
         }
         print(json.dumps(line), flush=True)
     if log:

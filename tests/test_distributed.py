@@ -52,6 +52,9 @@ SOFTMAX = dict(num_examples=160, inputs=6, classes=4)
 EQUIVALENCE = dict(l2_norm_clip=1.0, expected_batch_size=48, micro_batch_size=2,
                    noise_multiplier=1e-3, delta=1e-3, noise_seed=11, sampling_seed=22)
 EQUIVALENCE_STEPS, EQUIVALENCE_LR = 6, 0.5
+# Padding runs: m = 20, so a last micro-batch has 8 rows per replica (trimmed) or 20; with R = 2
+# a step is 2 micro-batches of 40 and the trimmed remainder is split over the replicas.
+PADDING = dict(EQUIVALENCE, micro_batch_size=20)
 # steps_per_execution runs: 10 steps per Keras epoch, T = 14 (calls cross epoch ends), σ = 1.
 PER_CALL = dict(l2_norm_clip=1.0, expected_batch_size=16, micro_batch_size=2,
                 noise_multiplier=1.0, delta=1e-3, noise_seed=3, sampling_seed=4)
@@ -177,6 +180,11 @@ def mirrored_runs() -> dict[str, dict]:
     for replicas in (0, 1, 2, 4):  # 0 = no strategy
         runs[f"equal_R{replicas}"] = run("softmax", replicas, EQUIVALENCE, EQUIVALENCE_STEPS,
                                          EQUIVALENCE_LR)
+    for padding in ("trim", "full"):
+        for replicas in (0, 2):
+            runs[f"padding_{padding}_R{replicas}"] = run(
+                "softmax", replicas, dict(PADDING, microbatch_padding=padding),
+                EQUIVALENCE_STEPS, EQUIVALENCE_LR)
     for replicas in (0, 1):  # XLA under >1 logical CPU device: see test_jit_compile_...
         runs[f"jit_R{replicas}"] = run("softmax", replicas, EQUIVALENCE, EQUIVALENCE_STEPS,
                                        EQUIVALENCE_LR, jit=True)
@@ -236,6 +244,27 @@ def test_mirrored_replicas_train_like_one_device(mirrored):
         assert max_abs_diff(run["weights"], single["weights"]) <= 1e-6, replicas
         assert run["iterations"] == run["logical_steps"] == run["plan_steps"] \
             == EQUIVALENCE_STEPS
+
+
+def test_trimmed_and_full_padding_train_alike_across_replicas(mirrored):
+    """microbatch_padding "trim" (last micro-batch of 8 rows per replica, its remainder split
+    over the replicas, or 20 when more than half full) and "full" (every micro-batch 20 rows
+    per replica), without a strategy and under R = 2: the weights of the independent numpy
+    DP-SGD (1e-6)."""
+    data = softmax_data()
+    q = PADDING["expected_batch_size"] / SOFTMAX["num_examples"]
+    sizes = [int(tf.size(sampling.poisson_sample(PADDING["sampling_seed"], t,
+                                                 SOFTMAX["num_examples"], q)))
+             for t in range(EQUIVALENCE_STEPS)]
+    lasts = {int(sampling.last_microbatch_rows(b - (-(-b // (20 * r)) - 1) * 20 * r, 20, r))
+             for b in sizes for r in (1, 2)}
+    assert lasts == {8, 20}, sizes  # both kinds of last micro-batch occur
+    kernel, bias = numpy_reference(data, PADDING, EQUIVALENCE_STEPS, EQUIVALENCE_LR)
+    for padding in ("trim", "full"):
+        for replicas in (0, 2):
+            run = finished(mirrored, f"padding_{padding}_R{replicas}")
+            assert max_abs_diff(run["weights"], [kernel, bias]) < 1e-6, (padding, replicas)
+            assert run["iterations"] == run["logical_steps"] == EQUIVALENCE_STEPS
 
 
 def test_noise_is_one_draw_per_step_across_replicas(mirrored):
@@ -396,13 +425,16 @@ def test_one_example_moves_the_pre_noise_sum_by_at_most_c(replicas, micro_batch_
 
 @pytest.mark.parametrize("num_hosts,num_replicas",
                          [(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8)])
-def test_host_shards_partition_the_poisson_sample(num_hosts, num_replicas):
-    """Every sampled index is read by exactly one host; nothing else is read."""
-    seed, n, q, m = 1234, 200, 0.3, 3  # ~60 sampled: several micro-batches even at R = 8
+@pytest.mark.parametrize("trim_multiple", [None, 2])
+def test_host_shards_partition_the_poisson_sample(num_hosts, num_replicas, trim_multiple):
+    """Every sampled index is read by exactly one host; nothing else is read (full padding,
+    and trimmed last micro-batches of 2 rows per replica, or 5)."""
+    seed, n, q, m = 1234, 200, 0.3, 5  # ~60 sampled: several micro-batches even at R = 8
     for step in (0, 1, 5):
         shards = [host_shard(step, sampling_seed=seed, num_examples=n, sampling_rate=q,
                              micro_batch_size=m, num_replicas=num_replicas,
-                             num_hosts=num_hosts, host=h) for h in range(num_hosts)]
+                             num_hosts=num_hosts, host=h, trim_multiple=trim_multiple)
+                  for h in range(num_hosts)]
         joined = np.concatenate(shards)
         sample = sampling.poisson_sample(seed, step, n, q).numpy()
         assert len(sample) > m * num_replicas  # the step spans several global micro-batches

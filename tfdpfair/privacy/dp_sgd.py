@@ -60,6 +60,15 @@ class DPConfig:
         pass), vectorized when none has. Both serve either privacy unit: with patients, ghost
         clipping treats a patient's k images × K views as the positions of one unit
         (training/example_loss.batch_patient_loss_fn).
+      microbatch_padding: how a step's sample is padded to micro-batches, with the same
+        sample, clipped sums, noise and ε either way (privacy/sampling.py): "full" pads every
+        micro-batch to ``micro_batch_size`` (static shapes, as XLA and TPUs need); "trim" pads
+        the last micro-batch of each step only to a multiple of 8 rows per replica when that
+        is at most half of ``micro_batch_size`` (less padding work when the expected batch is a
+        few micro-batches; one more traced shape; not with XLA); "auto" is "trim" without
+        ``jit_compile`` and off TPU, else "full". Either way the step
+        time depends on the un-noised sample size (docs/privacy.md, "What step times and
+        shapes reveal").
       ema_decay: keep an EMA of the released weights with this decay (warm-up
         min(decay, (1+t)/(10+t))); None keeps none. Post-processing: no privacy cost.
       polyak: keep the Polyak average (running mean) of the released weights.
@@ -82,6 +91,7 @@ class DPConfig:
     privacy_unit: str = "example"
     max_examples_per_patient: int = 1
     clipping: str = "auto"
+    microbatch_padding: str = "auto"
     ema_decay: float | None = None
     polyak: bool = False
     noise_seed: int | None = None
@@ -108,6 +118,9 @@ class DPConfig:
         if self.clipping not in ("auto", "vectorized", "ghost"):
             raise ValueError(f"clipping must be 'auto', 'vectorized' or 'ghost', got "
                              f"{self.clipping!r}.")
+        if self.microbatch_padding not in ("auto", "full", "trim"):
+            raise ValueError(f"microbatch_padding must be 'auto', 'full' or 'trim', got "
+                             f"{self.microbatch_padding!r}.")
         if not self.max_examples_per_patient >= 1:
             raise ValueError("max_examples_per_patient must be >= 1, got "
                              f"{self.max_examples_per_patient}.")

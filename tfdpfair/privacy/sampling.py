@@ -18,6 +18,17 @@ every host and replica (it depends only on the seed and t), so they all agree on
 step ends. A step that samples no example still yields one all-padding micro-batch: its noise is
 added and the step is accounted, like every other step.
 
+Trimmed padding (:func:`pack_sample_trimmed`, ``DPConfig.microbatch_padding="trim"``): the same
+k_t micro-batches hold the same examples, but only the first k_t − 1 are full [m] per replica;
+the last carries the remainder ρ = b − (k_t − 1)·m·R in s rows per replica: s = ⌈⌈ρ/R⌉/M⌉·M
+with M = :data:`TRIM_MULTIPLE` (at least M rows when ρ = 0) if that is at most m/2, else m.
+A last micro-batch more than half full stays padded to m: the step loop runs [m] micro-batches
+through a function traced for that static shape, and others through one traced for an unknown
+batch size, which was up to 2× slower per row (ghost clipping's static-shape paths;
+benchmarks/last_microbatch.py). Padding then costs < M rows per replica in a step whose last
+micro-batch is at most half full, instead of up to m − 1 (not for XLA/TPU: every shape would
+be compiled).
+
 Secrecy: amplification by subsampling holds only if nobody learns which examples were sampled.
 The default seed is therefore drawn from the OS's entropy source; a fixed seed is for tests and
 reproductions only.
@@ -86,6 +97,51 @@ def num_global_microbatches(sample_size: int | tf.Tensor, examples_per_microbatc
                       // examples_per_microbatch)
 
 
+TRIM_MULTIPLE = 8
+"""M: with trimmed padding the last micro-batch of a step has a multiple of M rows per replica
+(or m). A bound on the number of distinct shapes (≤ ⌈m/M⌉), for kernels and caches that are
+built per shape (oneDNN primitives, cuDNN autotuning); a trimmed last micro-batch carries < M
+padding rows per replica."""
+
+
+def last_microbatch_rows(remainder: int | tf.Tensor, micro_batch_size: int, num_replicas: int,
+                         multiple: int = TRIM_MULTIPLE):
+    """s = ⌈max(1, ⌈ρ/R⌉)/M⌉·M if that is <= m/2, else m: rows per replica of a step's last
+    micro-batch under trimmed padding (see the module docstring).
+
+    ``remainder`` ρ (0 <= ρ <= m·R) is the number of sampled examples left after the step's
+    full micro-batches. Returns an int64 scalar tensor.
+    """
+    per_replica = (tf.cast(remainder, tf.int64) + num_replicas - 1) // num_replicas
+    rounded = (tf.maximum(per_replica, 1) + multiple - 1) // multiple * multiple
+    m = tf.constant(micro_batch_size, tf.int64)
+    return tf.where(2 * rounded <= m, rounded, m)
+
+
+def pack_sample_trimmed(indices: tf.Tensor, micro_batch_size: int, num_replicas: int,
+                        multiple: int = TRIM_MULTIPLE
+                        ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """A step's indices [b] as k_t − 1 full micro-batches and one trimmed last micro-batch.
+
+    Returns (full indices [k_t − 1, R·m], full mask, last indices [R·s], last mask [R·s]): the
+    same k_t = max(1, ⌈b/(m·R)⌉) as :func:`pack_sample` and the same examples in the same
+    order; the remainder ρ fills the last micro-batch row-major over R replicas of s rows
+    (:func:`last_microbatch_rows`), padded with index 0 / mask 0. Replica r's share of the last
+    micro-batch is entries r·s ... (r+1)·s − 1.
+    """
+    m, replicas = micro_batch_size, num_replicas
+    size = tf.shape(indices, out_type=tf.int64)[0]
+    k = num_global_microbatches(size, m * replicas)
+    cut = (k - 1) * m * replicas
+    rest = size - cut
+    rows = last_microbatch_rows(rest, m, replicas, multiple) * replicas
+    full = tf.reshape(indices[:cut], [-1, m * replicas])
+    pad = rows - rest
+    last = tf.concat([indices[cut:], tf.zeros([pad], tf.int64)], 0)
+    last_mask = tf.concat([tf.ones([rest], tf.float32), tf.zeros([pad], tf.float32)], 0)
+    return full, tf.ones_like(full, tf.float32), last, last_mask
+
+
 def pack_sample(indices: tf.Tensor, examples_per_microbatch: int) -> tuple[tf.Tensor, tf.Tensor]:
     """Pads a step's indices [b] with index 0 / mask 0 to [k_t, m·R] (indices, float32 mask)."""
     size = tf.shape(indices, out_type=tf.int64)[0]
@@ -95,6 +151,51 @@ def pack_sample(indices: tf.Tensor, examples_per_microbatch: int) -> tuple[tf.Te
     mask = tf.concat([tf.ones([size], tf.float32), tf.zeros([pad], tf.float32)], 0)
     shape = tf.stack([k, examples_per_microbatch])
     return tf.reshape(padded, shape), tf.reshape(mask, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddingCost:
+    """Expected padding of Poisson-sampled steps (from N, q, m, R only: public quantities).
+
+    Attributes:
+      microbatches: E[k_t], global micro-batches per step.
+      rows: E[rows processed per step] over all replicas (real + padding).
+      padded_share: E[padding rows] / E[rows]: the share of processed rows that are padding.
+    """
+
+    microbatches: float
+    rows: float
+    padded_share: float
+
+
+def expected_padding(num_examples: int, sampling_rate: float, micro_batch_size: int,
+                     num_replicas: int = 1, trim_multiple: int | None = None) -> PaddingCost:
+    """E over b ~ Binomial(N, q) of the padding :func:`pack_sample` (``trim_multiple`` None)
+    or :func:`pack_sample_trimmed` (M = ``trim_multiple``) adds to a step.
+
+    A plan-time figure (no data involved): e.g. N = 10·B, q = 0.1, m = B = 256 gives
+    E[k_t] ≈ 1.5 and a padded share ≈ 33% with full padding, ≈ 3% when trimmed.
+    """
+    from scipy import stats  # noqa: PLC0415  (dp_accounting's dependency; only needed here)
+
+    dist = stats.binom(int(num_examples), float(sampling_rate))
+    lo, hi = (int(v) for v in dist.ppf([1e-12, 1.0 - 1e-12]))
+    b = np.arange(max(0, lo - 1), min(int(num_examples), hi + 1) + 1)
+    p = dist.pmf(b)
+    p = p / p.sum()
+    per_step = micro_batch_size * num_replicas
+    k = np.maximum(1, -(-b // per_step))
+    if trim_multiple is None:
+        rows = k * per_step
+    else:
+        rest = b - (k - 1) * per_step
+        per_replica = np.maximum(1, -(-rest // num_replicas))
+        last = -(-per_replica // trim_multiple) * trim_multiple
+        last = np.where(2 * last <= micro_batch_size, last, micro_batch_size)
+        rows = (k - 1) * per_step + last * num_replicas
+    mean_rows = float(np.dot(p, rows))
+    return PaddingCost(float(np.dot(p, k)), mean_rows,
+                       float(np.dot(p, rows - b)) / mean_rows)
 
 
 class PoissonSampler:

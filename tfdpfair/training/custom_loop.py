@@ -182,7 +182,7 @@ class DPOptimizer(tf.Module):
             rt.data, sampling_seed=self.dp_state.seeds()["sampling"],
             sampling_rate=plan.sampling_rate,
             micro_batch_size=rt.dp_model.dp_config.micro_batch_size, start_step=start,
-            end_step=plan.steps)
+            end_step=plan.steps, trim_multiple=rt.loop.config.trim_multiple)
 
     def distribute_dataset(self) -> tf.distribute.DistributedDataset:
         """``strategy.distribute_datasets_from_function(self.dataset_fn())``."""
@@ -191,7 +191,11 @@ class DPOptimizer(tf.Module):
     # ---- inside the user's tf.function ----------------------------------------------------
 
     def microbatches_in_step(self) -> tf.Tensor:
-        """k_t (int64): global micro-batches of the current step t, the same on every host."""
+        """k_t (int64): global micro-batches of the current step t, the same on every host.
+
+        k_t = max(1, ⌈|S_t|/(m·R)⌉) is a function of the un-noised sample size |S_t|: use it to
+        drive the loop, never log, print or return it (docs/privacy.md, "What step times and
+        shapes reveal")."""
         return self._runtime.loop._num_microbatches(self._current_step())
 
     def accumulate(self, element: Any) -> None:
@@ -209,7 +213,7 @@ class DPOptimizer(tf.Module):
                 "step t has (k_t = dp_opt.microbatches_in_step()); call release() once after "
                 "exactly k_t accumulate() calls"))
         with tf.control_dependencies([check]):
-            rt.loop._accumulate(element, step, done)
+            rt.loop.accumulate_element(element, step, done)
         rt.counter.assign_add(1)
 
     def release(self) -> None:

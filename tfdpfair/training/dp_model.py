@@ -401,7 +401,8 @@ class DPModel(keras.Model):
                 data.num_units, plan.sampling_rate, cfg.micro_batch_size, cfg.l2_norm_clip,
                 cfg.augmult, bool(self.jit_compile), clipping, views=dict(
                     pad=cfg.augment_pad, random_crop=cfg.augment_crop,
-                    random_flip=cfg.augment_flip)), self.distribute_strategy,
+                    random_flip=cfg.augment_flip),
+                trim_multiple=self._trim_multiple(plan)), self.distribute_strategy,
             self.averages)
         if self._audit_canaries is not None:
             rate = getattr(self._audit_canaries, "sampling_rate", plan.sampling_rate)
@@ -412,6 +413,27 @@ class DPModel(keras.Model):
             loop.canaries, loop.canary_sampling_rate = self._audit_canaries, plan.sampling_rate
         self._runtime = {"key": key, "loop": loop}
         return loop
+
+    def _trim_multiple(self, plan: accounting.PrivacyPlan) -> int | None:
+        """M for trimmed last micro-batches, or None for full padding (DPConfig.microbatch_padding);
+        logs the choice and its expected padding, computed from N, q, m, R only (public)."""
+        strategy = self.distribute_strategy
+        tpu = "TPU" in type(strategy).__name__
+        mode = self.dp_config.microbatch_padding
+        if mode == "trim" and (tpu or self.jit_compile):
+            raise ValueError("microbatch_padding='trim' needs dynamic shapes, which XLA "
+                             "(jit_compile=True, TPUs) compiles once per shape; use 'full' (or "
+                             "'auto').")
+        if mode == "auto":
+            mode = "full" if tpu or self.jit_compile else "trim"
+        multiple = sampling.TRIM_MULTIPLE if mode == "trim" else None
+        cost = sampling.expected_padding(
+            plan.num_examples, plan.sampling_rate, self.dp_config.micro_batch_size,
+            strategy.num_replicas_in_sync, multiple)
+        _log.info("DP micro-batches: %s padding; expected %.2f micro-batches and %.1f%% padding "
+                  "rows per logical step (from N, q, m and the replica count).", mode,
+                  cost.microbatches, 100.0 * cost.padded_share)
+        return multiple
 
     def _clipping_method(self, data) -> str:
         """"vectorized" or "ghost" for DPConfig.clipping (see its docstring); logs the choice

@@ -85,7 +85,7 @@ def run_fit(dp_model, loop: DPStepLoop, plan: PrivacyPlan, data: input_pipeline.
     iterator = iter(strategy.distribute_datasets_from_function(input_pipeline.dataset_fn(
         data, sampling_seed=seeds["sampling"], sampling_rate=plan.sampling_rate,
         micro_batch_size=dp_model.dp_config.micro_batch_size, start_step=start,
-        end_step=plan.steps)))
+        end_step=plan.steps, trim_multiple=loop.config.trim_multiple)))
     loop.drop_partial_step()  # of a failed call
     eps_log, logs, step = EpsilonLog(plan), {}, start
     for epoch in range(start // steps_per_epoch, num_epochs):

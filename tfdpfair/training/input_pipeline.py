@@ -14,6 +14,10 @@ host (``tf.distribute.InputContext``) keeps only the columns of its own replicas
 per-replica micro-batches ``(step, x [m, ...], y [m, ...], mask [m])``, in the order
 (micro-batch, local replica), which is how ``distribute_datasets_from_function`` hands
 consecutive elements to a host's replicas. The per-host shards partition the step's sample.
+
+With ``trim_multiple`` M (trimmed padding, privacy/sampling.py), the last micro-batch of each
+step has s <= m rows per replica (a multiple of M, or m) instead of m: the element spec's batch
+dimension is then unknown (None), and the step loop pins the full micro-batches to [m] again.
 """
 
 from __future__ import annotations
@@ -247,12 +251,14 @@ def _infer_batched(elements: list[tuple[np.ndarray, np.ndarray]]) -> bool:
 
 
 def dataset_fn(data: TrainingData, *, sampling_seed: int, sampling_rate: float,
-               micro_batch_size: int, start_step: int, end_step: int
+               micro_batch_size: int, start_step: int, end_step: int,
+               trim_multiple: int | None = None
                ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
     """The per-host dataset function for ``strategy.distribute_datasets_from_function``.
 
     Emits, for steps start_step <= t < end_step, this host's per-replica micro-batches
-    ``(t, x, y, mask)`` (see the module docstring for the layout).
+    ``(t, x, y, mask)`` (see the module docstring for the layout); each step's last micro-batch
+    trimmed to a multiple of ``trim_multiple`` rows if given (None: full padding, static [m]).
     """
     n, m = data.num_units, micro_batch_size
 
@@ -262,16 +268,21 @@ def dataset_fn(data: TrainingData, *, sampling_seed: int, sampling_rate: float,
         first = context.input_pipeline_id * local
 
         def step_elements(step):
-            indices, mask = host_columns(step, replicas, first, local)
+            sample = sampling.poisson_sample(sampling_seed, step, n, sampling_rate)
+            if trim_multiple is None:
+                return slices(step, *sampling.pack_sample(sample, m * replicas), m)
+            full, full_mask, last, last_mask = sampling.pack_sample_trimmed(
+                sample, m, replicas, trim_multiple)
+            rows = tf.shape(last)[0] // replicas  # s, this step's last micro-batch per replica
+            return slices(step, full, full_mask, m).concatenate(
+                slices(step, last[None], last_mask[None], rows))
+
+        def slices(step, indices, mask, width):
+            """Global micro-batches [k, R·w] -> this host's replicas' rows [k·local, w]."""
+            indices, mask = (tf.reshape(tf.reshape(t, [tf.shape(t)[0], replicas, width])[
+                :, first:first + local], [-1, width]) for t in (indices, mask))
             steps = tf.fill(tf.shape(mask)[:1], step)
             return tf.data.Dataset.from_tensor_slices((steps, indices, mask))
-
-        def host_columns(step, replicas, first, local):
-            sample = sampling.poisson_sample(sampling_seed, step, n, sampling_rate)
-            indices, mask = sampling.pack_sample(sample, m * replicas)
-            indices = tf.reshape(indices, [-1, replicas, m])[:, first:first + local]
-            mask = tf.reshape(mask, [-1, replicas, m])[:, first:first + local]
-            return tf.reshape(indices, [-1, m]), tf.reshape(mask, [-1, m])
 
         def read(step, indices, mask):
             if data.patients is not None:
@@ -307,14 +318,15 @@ def _read_patients(data: TrainingData, sampling_seed: int, step, patients, mask)
 
 
 def host_shard(step: int, *, sampling_seed: int, num_examples: int, sampling_rate: float,
-               micro_batch_size: int, num_replicas: int, num_hosts: int, host: int
-               ) -> np.ndarray:
+               micro_batch_size: int, num_replicas: int, num_hosts: int, host: int,
+               trim_multiple: int | None = None) -> np.ndarray:
     """The sampled indices (mask 1) that ``host`` reads at ``step``: for tests and audits."""
     context = tf.distribute.InputContext(num_input_pipelines=num_hosts, input_pipeline_id=host,
                                          num_replicas_in_sync=num_replicas)
     data = TrainingData(num_examples, lambda i: (i, i), tf.TensorSpec([], tf.int64),
                         tf.TensorSpec([], tf.int64))
     ds = dataset_fn(data, sampling_seed=sampling_seed, sampling_rate=sampling_rate,
-                    micro_batch_size=micro_batch_size, start_step=step, end_step=step + 1)(context)
+                    micro_batch_size=micro_batch_size, start_step=step, end_step=step + 1,
+                    trim_multiple=trim_multiple)(context)
     chosen = [indices[mask > 0] for _, indices, _, mask in ds.as_numpy_iterator()]
     return np.concatenate(chosen) if chosen else np.zeros([0], np.int64)

@@ -6,7 +6,10 @@ One call of :meth:`DPStepLoop.train_call` runs s logical steps. For step t it
    same number the input pipeline emits on every host (training/input_pipeline.py), so all
    replicas agree where the step ends and no collective sits inside a data-dependent branch;
 2. runs k_t ``strategy.run(accumulate)`` calls: each replica clips its micro-batch's per-example
-   gradients and adds the clipped sum to its *local* accumulator (no communication);
+   gradients and adds the clipped sum to its *local* accumulator (no communication). With
+   trimmed padding (``LoopConfig.trim_multiple``) the element's batch size is unknown at trace
+   time; a micro-batch of m rows runs a branch traced for the static shape [m], a trimmed last
+   micro-batch one traced for an unknown size: two traces, never one per batch size;
 3. runs one ``strategy.run(release)``: after in-graph checks that t is the next step and within
    the plan's T, the step counter moves first (a step that fails later is still counted), then
    each replica passes (L_r + [r = 0]·n)/(B·s) to ``optimizer.apply``, whose all-reduce SUM gives
@@ -65,6 +68,7 @@ class LoopConfig:
     jit_compile: bool
     clipping: str = "vectorized"  # "vectorized" or "ghost" (resolved by DPModel)
     views: dict = dataclasses.field(default_factory=dict)  # augment.make_views options
+    trim_multiple: int | None = None  # trimmed last micro-batches (M), or None: full padding
 
 
 class DPStepLoop:
@@ -83,7 +87,9 @@ class DPStepLoop:
         self.monitors = TrainingMonitors()
         self.variables = list(model.trainable_variables)
         self.train_call = tf.function(self._train_call)
-        self._accumulate_fn = tf.function(self._accumulate, jit_compile=config.jit_compile)
+        # With trimmed padding, no XLA (it would compile once per size): DPModel refuses both.
+        self._accumulate_fn = tf.function(self.accumulate_element,
+                                          jit_compile=config.jit_compile)
         self._release_fn = tf.function(self._release, jit_compile=False)
 
     # ---- replica functions ---------------------------------------------------------------
@@ -120,6 +126,38 @@ class DPStepLoop:
         if self.compile_metrics is not None:
             labels, predictions = clipped.aux
             _update_masked(self.compile_metrics, labels, predictions, clipped.kept)
+
+    def _accumulate_full(self, element, step, microbatch):
+        """:meth:`_accumulate` for a full micro-batch, its batch dimension pinned to m (static
+        shapes for the clipping code, e.g. ghost clipping's chunks, when the element spec
+        leaves it unknown because of trimmed padding).
+
+        Pinned as ensure_shape(t[:m]), not ensure_shape(t): in a ``tf.cond`` whose other branch
+        takes the same tensor at its real size (:meth:`accumulate_element`), Grappler would
+        otherwise propagate the static [m] to that branch's ``tf.shape`` (observed in TF 2.21).
+        """
+        step_tag, *rest = element
+        m = self.config.micro_batch_size
+        pinned = tf.nest.map_structure(
+            lambda t: tf.ensure_shape(t[:m], [m] + t.shape[1:].as_list()), rest)
+        self._accumulate((step_tag, *pinned), step, microbatch)
+
+    def accumulate_element(self, element, step, microbatch) -> None:
+        """Replica context: micro-batch ``microbatch`` of step ``step`` (fit's loop and the
+        custom-loop API). Trimmed padding: [m] rows take the static-shape branch, fewer rows
+        (a trimmed last micro-batch) the branch traced for an unknown batch size."""
+        if self.config.trim_multiple is None:
+            self._accumulate_full(element, step, microbatch)
+            return
+
+        def full():
+            self._accumulate_full(element, step, microbatch)
+
+        def trimmed():
+            self._accumulate(element, step, microbatch)
+
+        rows = tf.shape(element[3], out_type=tf.int64)[0]
+        tf.cond(tf.equal(rows, self.config.micro_batch_size), full, trimmed)
 
     def _release_checks(self, step) -> list[tf.Operation]:
         """In-graph refusal of a release that is out of order or beyond the plan's T."""
