@@ -4,8 +4,10 @@ data (audit.json, audit.md, the run report's section, the plot); a canary audit'
 import json
 
 import numpy as np
+import pytest
+from fdp_reference import reference_epsilon, reference_mu
 
-from tfdpfair.audit import membership, report
+from tfdpfair.audit import epsilon_lower_bound, fdp_lower_bound, membership, report
 
 
 def _membership_results():
@@ -75,3 +77,26 @@ def test_canary_audit_is_not_marked_as_private_statistics(tmp_path):
     assert release["not_for_release"] is False
     assert release["contains_unnoised_private_statistics"] is False
     assert "Not for release" not in section
+
+
+def test_canary_audit_reports_both_bounds(tmp_path):
+    """audit.json and audit.md carry the Steinke et al. and the f-DP bound side by side; the
+    f-DP numbers match the paper's recursion (brentq) and dp_accounting's Gaussian ε."""
+    rng = np.random.default_rng(1)
+    included = rng.random(200) < 0.5
+    scores = 2.0 * included + rng.normal(size=200)
+    steinke = epsilon_lower_bound.audit_from_scores(scores, included, 20, 1e-5)
+    fdp = fdp_lower_bound.fdp_audit_from_scores(scores, included, 20, 1e-5)
+    audit = {**_canary_audit(), "m": 200, "k": 20, "r": steinke.r, "v": steinke.v,
+             "epsilon_lower_bound": steinke.epsilon, **fdp.report_fields()}
+    json_path, _, section = report.write_audit(tmp_path, {"canaries": audit}, {})
+    record = json.loads(json_path.read_text())["canaries"]
+    mu = reference_mu(200, record["r_fdp"], record["v_fdp"])
+    assert record["mu_lower_bound_fdp"] == pytest.approx(mu, abs=1e-7) and mu > 0
+    assert record["epsilon_lower_bound_fdp"] == pytest.approx(reference_epsilon(mu, 1e-5),
+                                                              abs=2e-3)
+    assert record["epsilon_lower_bound"] == steinke.epsilon
+    assert "Steinke et al. | ε lower bound (95%), f-DP |" in section
+    assert f"| {steinke.epsilon:.3f} | {fdp.epsilon:.3f} (μ ≥ {fdp.mu:.3f};" in section
+    old = report.markdown({"canaries": _canary_audit()}, {})  # an audit.json without f-DP
+    assert "| 0.100 | — |" in old

@@ -3,6 +3,8 @@
 Modules (numpy/scipy unless noted; TensorFlow only where scores are produced):
   epsilon_lower_bound  the one-run audit (Steinke, Nasr & Jagielski 2023): canary scores and
                        membership bits -> (r, v, ε lower bound at 95% confidence)
+  fdp_lower_bound      the f-DP one-run audit for Gaussian trade-off curves (Mahloujifar,
+                       Melis & Chaudhuri 2025): the same guesses -> μ lower bound and its ε at δ
   scores               white-box canary scores from the released updates' projections
   canaries             (TF) gradient canaries injected into DPModel, and the projection recorder
   input_canaries       (TF) black-box canaries: mislabelled examples, scored by their loss

@@ -1,4 +1,4 @@
-r"""The one-run audit for Gaussian f-DP (Mahloujifar, Melis & Chaudhuri, ICML 2025, arXiv 2410.22235).
+r"""The one-run audit for Gaussian f-DP (Mahloujifar, Melis & Chaudhuri, ICML 2025, 2410.22235).
 
 Numpy/scipy only, like :mod:`tfdpfair.audit.epsilon_lower_bound` (whose game and guessing rule
 it shares): m canaries, each included independently with probability ½; the auditor guesses
@@ -21,8 +21,8 @@ and step down i = v−1, …, 0:
     w_i = max(w_{i+1}, g_μ(c_{i+1})),
     c_i = c_{i+1} + i/(r − i) · (w_i − w_{i+1}).
 
-(c_i, w_i bound the expected numbers of correct and wrong guesses, per canary, that the event
-"≥ i correct" forces.) The paper's theorem: if P[≥ v correct] ≥ τ under a μ-GDP run, then
+(Intuition: c_i and w_i are the correct and wrong guesses per canary that P[≥ v correct] ≥ τ
+forces on the event "≥ i correct"; the proof is the paper's.) The paper's theorem: if P[≥ v correct] ≥ τ under a μ-GDP run, then
 c_0 + w_0 ≤ r/m (all r guesses, per canary). So c_0 + w_0 > r/m proves P[≥ v correct] < τ:
 the claim "μ-GDP" is rejected at level τ. c_i + w_i never decreases as i goes down, and once
 w stops growing nothing changes any more, so the loop stops early either way.
@@ -42,8 +42,9 @@ What it proves. μ_LB is a valid 95% lower bound on μ for any run that is μ-GD
 (ε, δ) of that Gaussian curve: a valid 95% bound on ε(δ) when the run's trade-off curve is
 Gaussian (the paper's and jax_privacy's reading; DP-SGD with many steps is close to it by the
 central limit theorem). The Steinke, Nasr & Jagielski bound (epsilon_lower_bound.py) assumes
-only (ε, δ)-DP. With many correct guesses the f-DP bound is the higher one, because it uses the
-whole curve rather than one (ε, δ) point and has no 2mδ slack.
+only (ε, δ)-DP. With many correct guesses the f-DP bound is the higher one: it uses the whole
+curve rather than one (ε, δ) point, has no 2mδ slack, and the Gaussian shape ties the accuracy
+the guesses measure to the small-δ tail that ε(δ) describes (an assumption, not an observation).
 
 >>> round(fdp_mu_lower_bound(m=1000, r=100, v=100), 3)          # all 100 guesses right
 1.226

@@ -2,7 +2,8 @@
 
 :func:`audit_gradient_canaries` takes a compiled DPModel (SGD, the papers' optimizer), adds m
 gradient canaries, trains through the ordinary ``DPModel.fit`` path, scores every canary from
-the released updates and returns the one-run audit's ε lower bound next to the accountant's ε.
+the released updates and returns the one-run audit's ε lower bounds (Steinke et al.; f-DP)
+next to the accountant's ε.
 The canaries are extra "examples" of the run: train an audit run for the audit, and release
 the model of a run without canaries.
 """
@@ -16,6 +17,7 @@ import keras
 import numpy as np
 
 from tfdpfair.audit import epsilon_lower_bound as bound_lib
+from tfdpfair.audit import fdp_lower_bound as fdp_lib
 from tfdpfair.audit import scores as scores_lib
 from tfdpfair.audit.canaries import GradientCanaries, UpdateProjectionRecorder
 
@@ -29,7 +31,8 @@ def default_ks(num_canaries: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class CanaryAudit:
-    """Outcome of one audited run: the bound, the run's privacy plan, and the raw scores."""
+    """Outcome of one audited run: the bounds (Steinke et al.; f-DP in ``audit_fdp``), the
+    run's privacy plan, and the raw scores."""
 
     audit: bound_lib.AuditResult
     score: str
@@ -39,11 +42,13 @@ class CanaryAudit:
     steps: int
     scores: np.ndarray
     included: np.ndarray
+    audit_fdp: fdp_lib.FdpAuditResult | None = None
 
     def as_dict(self) -> dict:
         a = self.audit
+        fdp = self.audit_fdp.report_fields() if self.audit_fdp is not None else {}
         return {"mode": "gradient_canaries", "score": self.score, "m": a.m, "k": a.k, "r": a.r,
-                "v": a.v, "delta": a.delta, "epsilon_lower_bound": a.epsilon,
+                "v": a.v, "delta": a.delta, "epsilon_lower_bound": a.epsilon, **fdp,
                 "p_threshold": a.p_threshold, "ks_tried": list(a.ks_tried),
                 "accountant_epsilon": self.accountant_epsilon,
                 "noise_multiplier": self.noise_multiplier, "sampling_rate": self.sampling_rate,
@@ -101,9 +106,11 @@ def audit_gradient_canaries(dp_model, x, y, *, num_canaries: int, seed: int,
             min(plan.sampling_rate, 1 - 1e-12))
     else:
         values = recorder.total_score()
-    audit = bound_lib.audit_from_scores(values, canaries.included,
-                                        default_ks(num_canaries) if ks is None else ks,
-                                        plan.delta, p_threshold)
+    ks = default_ks(num_canaries) if ks is None else ks
+    audit = bound_lib.audit_from_scores(values, canaries.included, ks, plan.delta, p_threshold)
+    audit_fdp = fdp_lib.fdp_audit_from_scores(values, canaries.included, ks, plan.delta,
+                                              p_threshold)
     return CanaryAudit(audit, score, float(plan.epsilon(dp_model.logical_steps_done)),
                        float(plan.noise_multiplier), float(plan.sampling_rate),
-                       int(dp_model.logical_steps_done), np.asarray(values), canaries.included)
+                       int(dp_model.logical_steps_done), np.asarray(values), canaries.included,
+                       audit_fdp)

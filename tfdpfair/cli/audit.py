@@ -32,7 +32,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import tfdpfair.models  # noqa: F401  registers NFNet/WRN layers for keras.models.load_model
-from tfdpfair.audit import epsilon_lower_bound, losses, membership, report
+from tfdpfair.audit import epsilon_lower_bound, fdp_lower_bound, losses, membership, report
 from tfdpfair.cli import config_path
 from tfdpfair.data.demo import DemoData, load_demo_data
 from tfdpfair.fairness.plots import eps_text
@@ -153,8 +153,11 @@ def input_canary_audit(config, data: DemoData, workdir: pathlib.Path) -> tuple[d
     scores = canaries.scores(model)
     audit = epsilon_lower_bound.audit_from_scores(scores, canaries.included, default_ks(m),
                                                   plan.delta)
+    audit_fdp = fdp_lower_bound.fdp_audit_from_scores(scores, canaries.included, default_ks(m),
+                                                      plan.delta)
     result = {"mode": "input_canaries", "score": "-loss", **audit.as_dict(),
-              "epsilon_lower_bound": audit.epsilon, "accountant_epsilon": plan.epsilon(),
+              "epsilon_lower_bound": audit.epsilon, **audit_fdp.report_fields(),
+              "accountant_epsilon": plan.epsilon(),
               "noise_multiplier": plan.noise_multiplier, "sampling_rate": plan.sampling_rate,
               "steps": plan.steps, "num_included": int(canaries.included.sum())}
     del result["epsilon"]
@@ -215,7 +218,9 @@ def main(argv) -> None:
         run = gradient_canary_audit if _KIND.value == "gradient" else input_canary_audit
         result, plots = run(config, data, workdir)
         audit = {"canaries": result}
-        log(f"ε lower bound {result['epsilon_lower_bound']:.3f} (95%), accountant ε "
+        log(f"ε lower bounds (95% each): {result['epsilon_lower_bound']:.3f} (Steinke et al.), "
+            f"{result['epsilon_lower_bound_fdp']:.3f} (f-DP, μ ≥ "
+            f"{result['mu_lower_bound_fdp']:.3f}); accountant ε "
             f"{result['accountant_epsilon']:.3f}, σ = {result['noise_multiplier']:.4g}")
     else:
         results = {name: membership_of(model, data)
