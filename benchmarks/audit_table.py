@@ -30,8 +30,7 @@ import keras
 import numpy as np
 
 from tfdpfair.audit import dirac
-from tfdpfair.audit import fdp_lower_bound as fdp_lib
-from tfdpfair.audit.whitebox import audit_gradient_canaries, default_ks
+from tfdpfair.audit.whitebox import audit_gradient_canaries
 from tfdpfair.data.demo import load_demo_data
 from tfdpfair.models.canary_slots import with_canary_slots
 from tfdpfair.privacy import accounting
@@ -106,15 +105,12 @@ def audit_run(design: str, x, y, args, *, target_epsilon=None, noise_multiplier=
         res = audit_gradient_canaries(dp, x, y, num_canaries=r["m"], seed=seed,
                                       epochs=r["epochs"], score="llr",
                                       score_noise_multiplier=score_noise_multiplier)
-        steinke = res.audit
-        fdp = fdp_lib.fdp_audit_from_scores(res.scores, res.included, default_ks(r["m"]),
-                                            steinke.delta)
     else:
         res = dirac.audit_dirac_canaries(
             dp, x, y, seed=seed, steps=r["steps"],
             score="last_iterate" if design == "dirac_last" else "all_steps",
             score_noise_multiplier=score_noise_multiplier)
-        steinke, fdp = res.steinke, res.fdp
+    steinke, fdp = res.audit, res.audit_fdp
     return {"m": r["m"], "expected_batch": r["batch"], "steps": res.steps,
             "sampling_rate": round(res.sampling_rate, 5),
             "noise_multiplier": round(res.noise_multiplier, 5),

@@ -178,16 +178,16 @@ def test_broken_mechanism_is_flagged_and_a_correct_run_is_not(score):
     reference = reference_epsilon(honest.noise_multiplier, honest.sampling_rate, honest.steps,
                                   1e-5)
     assert honest.accountant_epsilon == pytest.approx(reference, rel=1e-3) and reference <= 4.0
-    assert 0 < honest.steinke.epsilon <= reference
-    assert 0 < honest.fdp.epsilon <= reference
+    assert 0 < honest.audit.epsilon <= reference
+    assert 0 < honest.audit_fdp.epsilon <= reference
     broken_sigma = honest.noise_multiplier / 10
     _, broken = small_audit(score, score_noise_multiplier=honest.noise_multiplier,
                             noise_multiplier=broken_sigma)
     assert broken.noise_multiplier == pytest.approx(broken_sigma)
-    print(f"\n{score}: ε_LB correct run {honest.steinke.epsilon:.2f} / f-DP "
-          f"{honest.fdp.epsilon:.2f} (accountant {reference:.2f}); σ/10 run "
-          f"{broken.steinke.epsilon:.2f} / {broken.fdp.epsilon:.2f}")
-    assert broken.steinke.epsilon > reference and broken.fdp.epsilon > reference
+    print(f"\n{score}: ε_LB correct run {honest.audit.epsilon:.2f} / f-DP "
+          f"{honest.audit_fdp.epsilon:.2f} (accountant {reference:.2f}); σ/10 run "
+          f"{broken.audit.epsilon:.2f} / {broken.audit_fdp.epsilon:.2f}")
+    assert broken.audit.epsilon > reference and broken.audit_fdp.epsilon > reference
 
 
 # ---- the benchmark's ε = 4 case (benchmarks/audit_table.py) ----------------------------------

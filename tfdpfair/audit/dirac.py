@@ -41,7 +41,6 @@ Usage::
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import keras
@@ -49,10 +48,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfdpfair.audit import epsilon_lower_bound as steinke_lib
-from tfdpfair.audit import fdp_lower_bound as fdp_lib
-from tfdpfair.audit import scores as scores_lib
+from tfdpfair.audit import whitebox
 from tfdpfair.audit.canaries import UpdateProjectionRecorder, flatten
-from tfdpfair.audit.whitebox import _sgd_learning_rate
 from tfdpfair.models.canary_slots import CanarySlots
 from tfdpfair.models.layer_paths import iter_layers_with_paths
 from tfdpfair.privacy import sampling
@@ -127,37 +124,13 @@ def default_ks(num_canaries: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, num_canaries // d) for d in (1000, 300, 100, 30, 10)}))
 
 
-@dataclasses.dataclass(frozen=True)
-class DiracAudit:
-    """One audited run: both bounds from one set of guesses, the run's plan, the raw scores."""
-
-    steinke: steinke_lib.AuditResult
-    fdp: fdp_lib.FdpAuditResult
-    score: str
-    accountant_epsilon: float
-    noise_multiplier: float
-    sampling_rate: float
-    steps: int
-    scores: np.ndarray
-    included: np.ndarray
-
-    def as_dict(self) -> dict:
-        s = self.steinke
-        return {"mode": "dirac_canaries", "score": self.score, "m": s.m, "k": s.k, "r": s.r,
-                "v": s.v, "delta": s.delta, "epsilon_lower_bound": s.epsilon,
-                **self.fdp.report_fields(), "p_threshold": s.p_threshold,
-                "ks_tried": list(s.ks_tried), "accountant_epsilon": self.accountant_epsilon,
-                "noise_multiplier": self.noise_multiplier, "sampling_rate": self.sampling_rate,
-                "steps": self.steps, "num_included": int(self.included.sum())}
-
-
 def audit_dirac_canaries(dp_model, x, y, *, seed: int, epochs: float | None = None,
                          steps: int | None = None, score: str = "all_steps",
                          num_canaries: int | None = None,
                          ks: int | Sequence[int] | None = None,
                          score_noise_multiplier: float | None = None,
                          p_threshold: float = steinke_lib.DEFAULT_P_VALUE,
-                         verbose=0) -> DiracAudit:
+                         verbose=0) -> whitebox.CanaryAudit:
     """Trains ``dp_model`` on (x, y) with Dirac canaries in its CanarySlots and audits the run.
 
     Args:
@@ -173,7 +146,7 @@ def audit_dirac_canaries(dp_model, x, y, *, seed: int, epochs: float | None = No
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}.")
-    lr = _sgd_learning_rate(dp_model.optimizer) if score == "all_steps" else None
+    lr = whitebox._sgd_learning_rate(dp_model.optimizer) if score == "all_steps" else None
     if dp_model.logical_steps_done:
         raise ValueError("audit an untrained model: the canaries must be in every step.")
     model, cfg = dp_model.inner, dp_model.dp_config
@@ -186,20 +159,9 @@ def audit_dirac_canaries(dp_model, x, y, *, seed: int, epochs: float | None = No
     callbacks = [UpdateProjectionRecorder(canaries, variables)] if score == "all_steps" else []
     initial = flatten([v.numpy() for v in variables])
     dp_model.fit(x, y, epochs=epochs, steps=steps, callbacks=callbacks, verbose=verbose)
-    plan = dp_model.plan
     if score == "all_steps":
-        values = scores_lib.llr_score(
-            callbacks[0].projections,
-            scores_lib.sgd_update_scale(lr, cfg.expected_batch_size, cfg.l2_norm_clip,
-                                        cfg.rescale_to_unit_norm),
-            cfg.l2_norm_clip, score_noise_multiplier or plan.noise_multiplier,
-            min(plan.sampling_rate, 1 - 1e-12))
+        values = whitebox.recorded_llr(callbacks[0], dp_model, lr, score_noise_multiplier)
     else:
         values = canaries.project(initial - flatten([v.numpy() for v in variables]))
-    ks = default_ks(m) if ks is None else ks
-    return DiracAudit(
-        steinke_lib.audit_from_scores(values, canaries.included, ks, plan.delta, p_threshold),
-        fdp_lib.fdp_audit_from_scores(values, canaries.included, ks, plan.delta, p_threshold),
-        score, float(plan.epsilon(dp_model.logical_steps_done)), float(plan.noise_multiplier),
-        float(plan.sampling_rate), int(dp_model.logical_steps_done), np.asarray(values),
-        canaries.included)
+    return whitebox.canary_audit(dp_model, score, values, canaries.included,
+                                 default_ks(m) if ks is None else ks, p_threshold)
