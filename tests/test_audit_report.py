@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from fdp_reference import reference_epsilon, reference_mu
+from fdp_reference import reference_eps_delta_bound, reference_epsilon, reference_mu
 
 from tfdpfair.audit import epsilon_lower_bound, fdp_lower_bound, membership, report
 
@@ -79,9 +79,9 @@ def test_canary_audit_is_not_marked_as_private_statistics(tmp_path):
     assert "Not for release" not in section
 
 
-def test_canary_audit_reports_both_bounds(tmp_path):
-    """audit.json and audit.md carry the Steinke et al. and the f-DP bound side by side; the
-    f-DP numbers match the paper's recursion (brentq) and dp_accounting's Gaussian ε."""
+def test_canary_audit_reports_all_bounds(tmp_path):
+    """audit.json and audit.md carry the Steinke et al. and the two f-DP bounds side by side;
+    the f-DP numbers match the paper's recursion (brentq) and dp_accounting's Gaussian ε."""
     rng = np.random.default_rng(1)
     included = rng.random(200) < 0.5
     scores = 2.0 * included + rng.normal(size=200)
@@ -96,7 +96,13 @@ def test_canary_audit_reports_both_bounds(tmp_path):
     assert record["epsilon_lower_bound_fdp"] == pytest.approx(reference_epsilon(mu, 1e-5),
                                                               abs=2e-3)
     assert record["epsilon_lower_bound"] == steinke.epsilon
-    assert "Steinke et al. | ε lower bound (95%), f-DP |" in section
+    assert "Steinke et al. | ε lower bound (95%), f-DP, Gaussian curve |" in section
     assert f"| {steinke.epsilon:.3f} | {fdp.epsilon:.3f} (μ ≥ {fdp.mu:.3f};" in section
+    eps_delta = reference_eps_delta_bound(200, record["r_fdp_eps_delta"],
+                                          record["v_fdp_eps_delta"], 1e-5)
+    assert record["epsilon_lower_bound_fdp_eps_delta"] == pytest.approx(eps_delta, abs=1e-7)
+    assert 0 < eps_delta < record["epsilon_lower_bound_fdp"]
+    assert (f"| {eps_delta:.3f} (k = {record['k_fdp_eps_delta']}, v = "
+            f"{record['v_fdp_eps_delta']} of {record['r_fdp_eps_delta']}) | 4.000 |") in section
     old = report.markdown({"canaries": _canary_audit()}, {})  # an audit.json without f-DP
-    assert "| 0.100 | — |" in old
+    assert "| 0.100 | — | — |" in old

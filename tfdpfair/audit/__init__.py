@@ -10,7 +10,10 @@ Modules (numpy/scipy unless noted; TensorFlow only where scores are produced):
   dirac                (TF) Dirac canaries: one coordinate each in CanarySlots no example
                        touches; last-iterate and all-steps scores, both bounds
   input_canaries       (TF) black-box canaries: mislabelled examples, scored by their loss
-  losses               (TF) per-example losses of a Keras model (the membership score producer)
+  losses               (TF) per-example losses of a Keras model (the membership score producer;
+                       the run's own loss for the trainer's tasks)
+  run_membership       (TF) a finished run's members and non-members with subgroups, read from
+                       its config through the trainer's task data; refusals; scoring
   membership           loss-threshold membership inference, overall and per subgroup, with
                        bootstrap CIs (tfdpfair.fairness.bootstrap)
   report               audit.md section and plots (matplotlib)

@@ -1,4 +1,5 @@
-r"""The one-run audit for Gaussian f-DP (Mahloujifar, Melis & Chaudhuri, ICML 2025, 2410.22235).
+r"""The one-run f-DP audit (Mahloujifar, Melis & Chaudhuri, ICML 2025, 2410.22235): Gaussian
+and (ε, δ) trade-off curves.
 
 Numpy/scipy only, like :mod:`tfdpfair.audit.epsilon_lower_bound` (whose game and guessing rule
 it shares): m canaries, each included independently with probability ½; the auditor guesses
@@ -22,10 +23,11 @@ and step down i = v−1, …, 0:
     c_i = c_{i+1} + i/(r − i) · (w_i − w_{i+1}).
 
 (Intuition: c_i and w_i are the correct and wrong guesses per canary that P[≥ v correct] ≥ τ
-forces on the event "≥ i correct"; the proof is the paper's.) The paper's theorem: if P[≥ v correct] ≥ τ under a μ-GDP run, then
-c_0 + w_0 ≤ r/m (all r guesses, per canary). So c_0 + w_0 > r/m proves P[≥ v correct] < τ:
-the claim "μ-GDP" is rejected at level τ. c_i + w_i never decreases as i goes down, and once
-w stops growing nothing changes any more, so the loop stops early either way.
+forces on the event "≥ i correct"; the proof is the paper's.) The paper's theorem: if
+P[≥ v correct] ≥ τ under a μ-GDP run, then c_0 + w_0 ≤ r/m (all r guesses, per canary). So
+c_0 + w_0 > r/m proves P[≥ v correct] < τ: the claim "μ-GDP" is rejected at level τ.
+c_i + w_i never decreases as i goes down, and once w stops growing nothing changes any more,
+so the loop stops early either way.
 
 * :func:`fdp_p_value`: the smallest τ (bisection) at which the test rejects; P[≥ v correct]
   under any μ-GDP run is below it.
@@ -38,13 +40,34 @@ w stops growing nothing changes any more, so the loop stops early either way.
   δ(ε) falls from 2Φ(μ/2) − 1 at ε = 0 to 0 as ε → ∞, so ε = 0 if δ ≥ 2Φ(μ_LB/2) − 1 and
   ε = ∞ for δ = 0 (a Gaussian curve is not (ε, 0)-DP for any finite ε): read μ_LB then.
 
+Any trade-off curve. The theorem holds for every trade-off function f with g(x) =
+min{α : 1 − f(α) ≥ x} in place of g_μ (:func:`curve_rejects`). Every (ε, δ)-DP mechanism is
+f_{ε,δ}-DP for
+
+    f_{ε,δ}(α) = max(0, 1 − δ − e^ε·α, e^{−ε}·(1 − δ − α)),
+    g_{ε,δ}(x) = max(0, e^{−ε}·(x − δ), 1 − δ − e^ε·(1 − x))     (f_{ε,δ} is symmetric),
+
+so the same recursion with g_{ε,δ} tests "(ε, δ)-DP" with no assumption on the curve's shape:
+
+* :func:`eps_delta_p_value`: bound on P[≥ v correct] under any (ε, δ)-DP run.
+* :func:`fdp_eps_delta_lower_bound`: ε_LB = sup{ε ≥ 0 : "(ε, δ)-DP" rejected at
+  p_threshold}, at the run's δ (g_{ε,δ} falls as ε grows; the rejected ε form an interval
+  on every grid tested).
+
 What it proves. μ_LB is a valid 95% lower bound on μ for any run that is μ-GDP. The ε is the
 (ε, δ) of that Gaussian curve: a valid 95% bound on ε(δ) when the run's trade-off curve is
 Gaussian (the paper's and jax_privacy's reading; DP-SGD with many steps is close to it by the
 central limit theorem). The Steinke, Nasr & Jagielski bound (epsilon_lower_bound.py) assumes
-only (ε, δ)-DP. With many correct guesses the f-DP bound is the higher one: it uses the whole
-curve rather than one (ε, δ) point, has no 2mδ slack, and the Gaussian shape ties the accuracy
-the guesses measure to the small-δ tail that ε(δ) describes (an assumption, not an observation).
+only (ε, δ)-DP. With many correct guesses the Gaussian-curve bound is the higher one: it has
+no 2mδ slack, and the Gaussian shape ties the accuracy the guesses measure to the small-δ tail
+that ε(δ) describes (an assumption, not an observation).
+
+The (ε, δ)-curve ε_LB is, like Steinke's, a 95% lower bound on the run's ε at δ for every
+mechanism, so a value above the accountant's ε proves a bug. At δ = 0 it is never above
+Steinke's (whose tail P[Bin(r, e^ε/(1+e^ε)) ≥ v] randomised response attains; the recursion
+is that tail up to a few per cent); it gains where Steinke's 2mδ slack costs (all guesses
+right, or mδ not small): m = 1000, r = 100, δ = 1e-5: v = 100 gives 3.492 against Steinke's
+3.465, v = 90 gives 1.614 against 1.626; with δ = 1e-3, v = 90: 1.542 against 0.388.
 
 >>> round(fdp_mu_lower_bound(m=1000, r=100, v=100), 3)          # all 100 guesses right
 1.226
@@ -52,6 +75,8 @@ the guesses measure to the small-δ tail that ε(δ) describes (an assumption, n
 5.549
 >>> fdp_epsilon_lower_bound(m=1000, r=100, v=50, delta=1e-5)   # chance level: nothing
 0.0
+>>> round(fdp_eps_delta_lower_bound(m=1000, r=100, v=100, delta=1e-5), 3)  # any mechanism
+3.492
 """
 
 from __future__ import annotations
@@ -68,6 +93,7 @@ from tfdpfair.audit.epsilon_lower_bound import (DEFAULT_P_VALUE, bonferroni_best
 
 _BISECTION_STEPS = 60
 _MAX_MU = 64.0  # Φ(−32) ≈ 1e-225: past this g_μ ≡ 0 in floating point
+_MAX_EPSILON = 100.0  # as epsilon_lower_bound's cap
 
 
 def _inverse_power(x: float, mu: float) -> float:
@@ -77,11 +103,27 @@ def _inverse_power(x: float, mu: float) -> float:
     return float(special.ndtr(special.ndtri(min(x, 1.0)) - mu))
 
 
-def fdp_rejects(m: int, r: int, v: int, mu: float, tau: float) -> bool:
-    """True when ≥ v correct of r guesses has probability < tau under every μ-GDP run."""
+def eps_delta_inverse_power(x: float, epsilon: float, delta: float) -> float:
+    """g_{ε,δ}(x) = max(0, e^{−ε}(x − δ), 1 − δ − e^ε(1 − x)): the type I error at which
+    (ε, δ)-DP allows power x, i.e. the α solving 1 − f_{ε,δ}(α) = x (f_{ε,δ} in the module
+    docstring; ε = δ = 0 gives x, up to rounding)."""
+    x = min(x, 1.0)
+    gap = 1.0 - x  # type II error
+    low = math.exp(-epsilon) * (x - delta)
+    # 1 − δ − e^ε·gap > 0 only for gap < e^{−ε}(1 − δ) (then e^ε·gap cannot overflow).
+    high = (1.0 - delta - math.exp(min(epsilon, 700.0)) * gap
+            if gap < math.exp(-epsilon) * (1.0 - delta) else 0.0)
+    return max(0.0, low, high)
+
+
+def curve_rejects(m: int, r: int, v: int, inverse_power: Callable[[float], float],
+                  tau: float) -> bool:
+    """The paper's test for any trade-off curve f, given by its ``inverse_power``
+    g(x) = min{α : 1 − f(α) ≥ x} (non-decreasing): True when ≥ v correct of r guesses has
+    probability < tau under every f-DP run (recursion in the module docstring)."""
     check_counts(m, r, v, 0.0)
-    if mu < 0 or not 0.0 <= tau <= 1.0:
-        raise ValueError(f"need mu >= 0 and tau in [0, 1]; got mu={mu}, tau={tau}.")
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"need tau in [0, 1]; got tau={tau}.")
     if r == 0:
         return False
     total = r / m
@@ -89,12 +131,28 @@ def fdp_rejects(m: int, r: int, v: int, mu: float, tau: float) -> bool:
     for i in range(v - 1, -1, -1):
         if correct + wrong > total:
             return True
-        needed = _inverse_power(correct, mu)
+        needed = inverse_power(correct)
         if needed <= wrong:  # w and c stay fixed from here on
             break
         correct += i / (r - i) * (needed - wrong)
         wrong = needed
     return correct + wrong > total
+
+
+def fdp_rejects(m: int, r: int, v: int, mu: float, tau: float) -> bool:
+    """True when ≥ v correct of r guesses has probability < tau under every μ-GDP run."""
+    if mu < 0 or not 0.0 <= tau <= 1.0:
+        raise ValueError(f"need mu >= 0 and tau in [0, 1]; got mu={mu}, tau={tau}.")
+    return curve_rejects(m, r, v, lambda x: _inverse_power(x, mu), tau)
+
+
+def eps_delta_rejects(m: int, r: int, v: int, epsilon: float, delta: float,
+                      tau: float) -> bool:
+    """True when ≥ v correct of r guesses has probability < tau under every (ε, δ)-DP run."""
+    if epsilon < 0 or not 0.0 <= delta <= 1.0:
+        raise ValueError(f"need epsilon >= 0 and delta in [0, 1]; got epsilon={epsilon}, "
+                         f"delta={delta}.")
+    return curve_rejects(m, r, v, lambda x: eps_delta_inverse_power(x, epsilon, delta), tau)
 
 
 def _bisect(holds: Callable[[float], bool], lo: float, hi: float) -> tuple[float, float]:
@@ -108,14 +166,37 @@ def _bisect(holds: Callable[[float], bool], lo: float, hi: float) -> tuple[float
     return lo, hi
 
 
+def _smallest_rejecting_tau(rejects: Callable[[float], bool]) -> float:
+    """The smallest τ with rejects(τ) (to ~1e-15 above the crossing), or 1.0."""
+    if not rejects(1.0):
+        return 1.0
+    return _bisect(lambda tau: not rejects(tau), 0.0, 1.0)[1]
+
+
+def _sup_rejected(rejects: Callable[[float], bool], cap: float) -> float:
+    """sup{x ≥ 0 : rejects(x)} for a claim that gets weaker as x grows: 0 if x = 0 is not
+    rejected, ∞ once x = cap still is; otherwise bisection, the returned x itself rejected."""
+    if not rejects(0.0):
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while rejects(hi):
+        lo, hi = hi, 2.0 * hi
+        if hi > cap:
+            return math.inf
+    return _bisect(rejects, lo, hi)[0]
+
+
+def _check_threshold(p_threshold: float) -> None:
+    if not 0.0 < p_threshold < 1.0:
+        raise ValueError(f"p_threshold must be in (0, 1), got {p_threshold}.")
+
+
 def fdp_p_value(m: int, r: int, v: int, mu: float) -> float:
     """Bound on P[≥ v of r guesses correct] under a μ-GDP run: the smallest rejecting τ.
 
     Returns a τ at which :func:`fdp_rejects` holds (to ~1e-15 above the crossing), or 1.0.
     """
-    if not fdp_rejects(m, r, v, mu, 1.0):
-        return 1.0
-    return _bisect(lambda tau: not fdp_rejects(m, r, v, mu, tau), 0.0, 1.0)[1]
+    return _smallest_rejecting_tau(lambda tau: fdp_rejects(m, r, v, mu, tau))
 
 
 def fdp_mu_lower_bound(m: int, r: int, v: int, p_threshold: float = DEFAULT_P_VALUE) -> float:
@@ -124,16 +205,27 @@ def fdp_mu_lower_bound(m: int, r: int, v: int, p_threshold: float = DEFAULT_P_VA
     Bisection to ~1e-15 in μ; the returned μ is itself rejected.
     """
     check_counts(m, r, v, 0.0)
-    if not 0.0 < p_threshold < 1.0:
-        raise ValueError(f"p_threshold must be in (0, 1), got {p_threshold}.")
-    if not fdp_rejects(m, r, v, 0.0, p_threshold):
-        return 0.0
-    lo, hi = 0.0, 1.0
-    while fdp_rejects(m, r, v, hi, p_threshold):
-        lo, hi = hi, 2.0 * hi
-        if hi > _MAX_MU:
-            return math.inf
-    return _bisect(lambda mu: fdp_rejects(m, r, v, mu, p_threshold), lo, hi)[0]
+    _check_threshold(p_threshold)
+    return _sup_rejected(lambda mu: fdp_rejects(m, r, v, mu, p_threshold), _MAX_MU)
+
+
+def eps_delta_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """Bound on P[≥ v of r guesses correct] under ANY (ε, δ)-DP run: the smallest τ at which
+    :func:`eps_delta_rejects` holds, or 1.0."""
+    return _smallest_rejecting_tau(lambda tau: eps_delta_rejects(m, r, v, epsilon, delta, tau))
+
+
+def fdp_eps_delta_lower_bound(m: int, r: int, v: int, delta: float,
+                              p_threshold: float = DEFAULT_P_VALUE) -> float:
+    """ε_LB = sup{ε ≥ 0 : "(ε, δ)-DP" rejected at level p_threshold} by the f-DP test with
+    the (ε, δ) curve: valid for every mechanism, like the Steinke bound (module docstring).
+
+    0 if ε = 0 is not rejected; bisection to ~1e-13 in ε, the returned ε itself rejected.
+    """
+    check_counts(m, r, v, delta)
+    _check_threshold(p_threshold)
+    return _sup_rejected(lambda eps: eps_delta_rejects(m, r, v, eps, delta, p_threshold),
+                         _MAX_EPSILON)
 
 
 def _gdp_log_delta(epsilon: float, mu: float) -> float:
@@ -173,7 +265,8 @@ def fdp_epsilon_lower_bound(m: int, r: int, v: int, delta: float,
 
 @dataclasses.dataclass(frozen=True)
 class FdpAuditResult:
-    """One f-DP audit: m canaries, k guesses each way (r = 2k), v correct, μ_LB and its ε."""
+    """One f-DP audit: m canaries, k guesses each way (r = 2k), v correct, μ_LB and its ε;
+    and, with its own best k, the ε_LB of the (ε, δ)-curve test (``*_eps_delta``)."""
 
     m: int
     k: int
@@ -184,6 +277,10 @@ class FdpAuditResult:
     epsilon: float
     p_threshold: float
     ks_tried: tuple[int, ...]
+    epsilon_eps_delta: float
+    k_eps_delta: int
+    r_eps_delta: int
+    v_eps_delta: int
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,23 +288,32 @@ class FdpAuditResult:
     def report_fields(self) -> dict:
         """The f-DP entries of audit.json, named apart from the Steinke bound's."""
         return {"epsilon_lower_bound_fdp": self.epsilon, "mu_lower_bound_fdp": self.mu,
-                "k_fdp": self.k, "r_fdp": self.r, "v_fdp": self.v}
+                "k_fdp": self.k, "r_fdp": self.r, "v_fdp": self.v,
+                "epsilon_lower_bound_fdp_eps_delta": self.epsilon_eps_delta,
+                "k_fdp_eps_delta": self.k_eps_delta, "r_fdp_eps_delta": self.r_eps_delta,
+                "v_fdp_eps_delta": self.v_eps_delta}
 
 
 def fdp_audit_from_scores(scores: Sequence[float], members: Sequence[int],
                           k: int | Sequence[int], delta: float,
                           p_threshold: float = DEFAULT_P_VALUE) -> FdpAuditResult:
-    """The f-DP one-run audit of canary ``scores`` (higher = more likely included).
+    """The f-DP one-run audits of canary ``scores`` (higher = more likely included): the
+    Gaussian curve (μ_LB and its ε) and the (ε, δ) curve (ε_LB valid for every mechanism).
 
     Guesses and k selection exactly as :func:`epsilon_lower_bound.audit_from_scores`: one k
-    fixed in advance, or several, each tested at p_threshold / len(ks) (Bonferroni), keeping
-    the largest μ_LB (hence ε) with its k.
+    fixed in advance, or several, each tested at p_threshold / len(ks) (Bonferroni); each
+    test keeps its own best k (the largest μ_LB, resp. ε_LB).
     """
     if not 0.0 <= delta <= 1.0:
         raise ValueError(f"delta must be in [0, 1], got {delta}.")
     ks, kk, r, v, mu = bonferroni_best_k(
         scores, members, k, p_threshold,
         lambda m, r, v, level: fdp_mu_lower_bound(m, r, v, level))
+    _, k_ed, r_ed, v_ed, eps_ed = bonferroni_best_k(
+        scores, members, k, p_threshold,
+        lambda m, r, v, level: fdp_eps_delta_lower_bound(m, r, v, delta, level))
     return FdpAuditResult(m=len(np.asarray(scores)), k=kk, r=r, v=v, delta=float(delta),
                           mu=float(mu), epsilon=float(gdp_epsilon(mu, delta)),
-                          p_threshold=float(p_threshold), ks_tried=ks)
+                          p_threshold=float(p_threshold), ks_tried=ks,
+                          epsilon_eps_delta=float(eps_ed), k_eps_delta=k_ed, r_eps_delta=r_ed,
+                          v_eps_delta=v_ed)

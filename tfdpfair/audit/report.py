@@ -112,6 +112,14 @@ def _fdp_cell(audit: Mapping[str, Any]) -> str:
             f"k = {audit['k_fdp']}, v = {audit['v_fdp']} of {audit['r_fdp']})")
 
 
+def _fdp_eps_delta_cell(audit: Mapping[str, Any]) -> str:
+    if "epsilon_lower_bound_fdp_eps_delta" not in audit:
+        return "—"
+    return (f"{audit['epsilon_lower_bound_fdp_eps_delta']:.3f} (k = "
+            f"{audit['k_fdp_eps_delta']}, v = {audit['v_fdp_eps_delta']} of "
+            f"{audit['r_fdp_eps_delta']})")
+
+
 def canary_section(audit: Mapping[str, Any]) -> list[str]:
     kind = "white-box gradient" if audit["mode"] == "gradient_canaries" else "black-box input"
     return [
@@ -120,29 +128,40 @@ def canary_section(audit: Mapping[str, Any]) -> list[str]:
         f"top k and 'out' for the bottom k scores (k tried: {audit['ks_tried']}, "
         f"Bonferroni-corrected), the best k = {audit['k']} for the Steinke, Nasr & Jagielski "
         f"(2023) bound made r = {audit['r']} guesses, v = {audit['v']} correct.", "",
-        "| ε lower bound (95%), Steinke et al. | ε lower bound (95%), f-DP | accountant ε | σ "
-        "| q | steps | δ |",
-        "|---|---|---|---|---|---|---|",
+        "| ε lower bound (95%), Steinke et al. | ε lower bound (95%), f-DP, Gaussian curve "
+        "| ε lower bound (95%), f-DP, (ε, δ) curve | accountant ε | σ | q | steps | δ |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {audit['epsilon_lower_bound']:.3f} | {_fdp_cell(audit)} | "
+        f"{_fdp_eps_delta_cell(audit)} | "
         f"{audit['accountant_epsilon']:.3f} | {audit['noise_multiplier']:.4g} | "
         f"{audit['sampling_rate']:.4g} | {audit['steps']} | {audit['delta']:.3g} |", "",
-        "Each bound is a 95% bound on its own (the larger of the two holds at 90%). Steinke et "
-        "al. assume only that the run is (ε, δ)-DP. The f-DP bound (Mahloujifar, Melis & "
-        "Chaudhuri 2025) rejects 'the run is μ-GDP' for μ below μ_LB and reports the ε of that "
-        "Gaussian trade-off curve at δ, a bound on the run's ε when its curve is Gaussian (DP-SGD "
-        "with many steps is close to one); it is the higher one when many guesses are right.", "",
-        "A lower bound above the accountant's ε would mean a bug in clipping, noise or "
-        "accounting (for the f-DP bound: or a trade-off curve far from Gaussian); a bound far "
-        "below it is expected (the audit sees one run and, without tailored canaries, is "
-        "loose).", ""]
+        "Each bound is a 95% bound on its own (the largest of the three holds at 85%). Steinke "
+        "et al. and the f-DP test with the (ε, δ) curve (Mahloujifar, Melis & Chaudhuri 2025) "
+        "assume only that the run is (ε, δ)-DP: either one above the accountant's ε proves a bug "
+        "in clipping, noise or accounting (at 95%). The Gaussian-curve f-DP bound rejects 'the "
+        "run is μ-GDP' for μ below μ_LB and reports the ε of that Gaussian trade-off curve at "
+        "δ, a bound on the run's ε only when its curve is Gaussian (DP-SGD with many steps is "
+        "close to one); it is the highest when many guesses are right, and above the "
+        "accountant's ε it means a bug or a trade-off curve far from Gaussian.", "",
+        "A bound far below the accountant's ε is expected (the audit sees one run and, without "
+        "tailored canaries, is loose).", ""]
+
+
+def membership_setup_text(setup: Mapping[str, Any] | None) -> str:
+    """What the attack compared: data, members, non-members (which held-out split), loss, CIs."""
+    if not setup:
+        return ("Loss-threshold membership inference (score −loss), training set (members) vs "
+                "held-out test set (non-members); 95% bootstrap CIs.")
+    return (f"Loss-threshold membership inference (score −loss; loss: {setup['loss']}) on "
+            f"{setup['data']}: members = the {setup['members']}, non-members = the held-out "
+            f"{setup['non_members']}; 95% bootstrap CIs, resampling by {setup['bootstrap']}.")
 
 
 def membership_section(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines = [f"### Membership inference — {NOT_FOR_RELEASE}", "",
              f"> **{NOT_FOR_RELEASE}.** These numbers are {_MEMBERSHIP_WHY}. Who may see them: "
              f"{WHO_MAY_SEE}.", "",
-             "Loss-threshold membership inference (score −loss), training set (members) vs "
-             "held-out test set (non-members); 95% bootstrap CIs.", ""]
+             membership_setup_text(next(iter(results.values()), {}).get("setup")), ""]
     for name, res in results.items():
         names = res["metrics"]
         lines += [f"**{name}**", "", "| slice | members / non-members | " + " | ".join(names)

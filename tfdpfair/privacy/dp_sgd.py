@@ -55,7 +55,9 @@ class DPConfig:
         ε: "vectorized" (per-example gradients by tf.vectorized_map, any model), "ghost"
         (per-example norms from layer inputs and output gradients of one batched pass plus a
         book-keeping sum: privacy/ghost_clipping.py), or "auto" (ghost when every trained
-        variable has a ghost rule and the unit is an example, else vectorized).
+        variable has a ghost rule, else vectorized). Both serve either privacy unit: with
+        patients, ghost clipping treats a patient's k images × K views as the positions of one
+        unit (training/example_loss.batch_patient_loss_fn).
       ema_decay: keep an EMA of the released weights with this decay (warm-up
         min(decay, (1+t)/(10+t))); None keeps none. Post-processing: no privacy cost.
       polyak: keep the Polyak average (running mean) of the released weights.

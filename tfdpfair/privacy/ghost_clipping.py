@@ -42,7 +42,11 @@ example-major, e.g. [B·K] views of B examples via a reshape of [B, K, ...]); ru
 must not be used in ways the rule does not see (e.g. reading a Dense kernel outside its call).
 Augmentation multiplicity: :func:`batch_example_loss_fn` with ``augmult=K`` feeds [B·K] views
 and averages the K losses of each example; the K views then count as K·T positions of one
-example in every rule. Patient-level units (training/patients.py) are not supported yet.
+example in every rule. Patient-level units (training/patients.py):
+``training.example_loss.batch_patient_loss_fn`` feeds a patient's up to k images (× K views)
+as k·K rows of one unit and returns the patient's mean loss, so a patient's norm is the Gram
+sum Σ_{j,l}⟨a_j,a_l⟩⟨δ_j,δ_l⟩ over all positions of all its images and views, and the
+patient is clipped once, as an example is.
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ class TaskData:
       validation: the split evaluated during training (None: use ``test``).
       public: non-private (x, y) for pre-training (demo only).
       eval_tasks: multilabel tasks averaged by the reported macro AUC.
+      train_groups: subgroup labels of ``train`` when it is a numpy (x, y) pair (digits);
+        an IndexedSource carries its own.
     """
 
     train: Any
@@ -65,6 +67,7 @@ class TaskData:
     validation: EvalSplit | None = None
     public: tuple[np.ndarray, np.ndarray] | None = None
     eval_tasks: tuple[str, ...] | None = None
+    train_groups: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def num_train(self) -> int:
@@ -89,7 +92,8 @@ def _digits(data_config: Any, seed: int) -> TaskData:
     test = EvalSplit("test", data.test.images, data.test.labels, dict(data.test.groups))
     return TaskData((data.private.images, data.private.labels), "multiclass", CLASS_NAMES,
                     tuple(data.private.images.shape[1:]), test,
-                    public=(data.public.images, data.public.labels))
+                    public=(data.public.images, data.public.labels),
+                    train_groups=dict(data.private.groups))
 
 
 def _bad_input(data_config: Any) -> dict[str, Any]:
@@ -98,7 +102,8 @@ def _bad_input(data_config: Any) -> dict[str, Any]:
                 verify_images=bool(data_config.get("verify_images", True)))
 
 
-def _file_split(name: str, source: Any) -> EvalSplit:
+def file_split(name: str, source: Any) -> EvalSplit:
+    """An ImageFileSource as an EvalSplit: 0/1 targets, group names, patient ids."""
     groups = {g: np.asarray(source.group_names[g], dtype=object)[codes].astype(str)
               for g, codes in source.groups.items()}
     return EvalSplit(name, source, (source.labels >= 0.5).astype(np.float32), groups,
@@ -116,8 +121,8 @@ def _chexpert(data_config: Any, seed: int) -> TaskData:
     train = splits["train"]
     return TaskData(train, "multilabel", chexpert.CHEXPERT_LABELS,
                     tuple(train.element_spec["image"].shape),
-                    _file_split("test", splits["test"]),
-                    _file_split("validation", splits["validation"]),
+                    file_split("test", splits["test"]),
+                    file_split("validation", splits["validation"]),
                     eval_tasks=chexpert.EVAL_TASKS)
 
 
@@ -128,9 +133,9 @@ def _mimic_cxr(data_config: Any, seed: int) -> TaskData:
     train = mimic_cxr.load_mimic_cxr(data_config.root, "train", **kwargs)
     return TaskData(train, "multilabel", mimic_cxr.MIMIC_LABELS,
                     tuple(train.element_spec["image"].shape),
-                    _file_split("test", mimic_cxr.load_mimic_cxr(data_config.root, "test",
-                                                                 **kwargs)),
-                    _file_split("validation", mimic_cxr.load_mimic_cxr(
+                    file_split("test", mimic_cxr.load_mimic_cxr(data_config.root, "test",
+                                                                **kwargs)),
+                    file_split("validation", mimic_cxr.load_mimic_cxr(
                         data_config.root, "validate", **kwargs)),
                     eval_tasks=chexpert.EVAL_TASKS)
 
@@ -180,6 +185,16 @@ def load_task_data(data_config: Any, seed: int) -> TaskData:
         return _tfds(data_config, seed)
     raise ValueError(f"unknown data.name {name!r}; known: {sorted(DATASETS)} and TFDS "
                      f"{list(TFDS_NAMES)}.")
+
+
+def train_split(data: TaskData) -> EvalSplit:
+    """The private training set as an EvalSplit (for evaluations of the members, e.g. the
+    membership audit): arrays with ``train_groups``, or the source's own groups/patients."""
+    if isinstance(data.train, tuple):
+        return EvalSplit("train", data.train[0], data.train[1], dict(data.train_groups))
+    if hasattr(data.train, "patient_ids") and hasattr(data.train, "group_names"):
+        return file_split("train", data.train)
+    return EvalSplit("train", data.train)
 
 
 def predict_split(model: Any, split: EvalSplit, batch_size: int

@@ -369,9 +369,12 @@ class DPModel(keras.Model):
         accumulator = DPGradientAccumulator(variables, cfg.l2_norm_clip, plan.noise_multiplier,
                                             cfg.expected_batch_size, cfg.rescale_to_unit_norm)
         clipping = self._clipping_method(data)
-        unit_loss = (ghost_clipping.batch_example_loss_fn(self.inner, self._dp_loss, cfg.augmult)
-                     if clipping == "ghost" else example_loss.example_loss_fn(
-                         self.inner, self._dp_loss, cfg.augmult, data.patients is not None))
+        patient = data.patients is not None
+        batch_loss = (example_loss.batch_patient_loss_fn if patient
+                      else ghost_clipping.batch_example_loss_fn)
+        unit_loss = (batch_loss(self.inner, self._dp_loss, cfg.augmult) if clipping == "ghost"
+                     else example_loss.example_loss_fn(self.inner, self._dp_loss, cfg.augmult,
+                                                       patient))
         loop = DPStepLoop(
             self.inner, self.dp_state, self.optimizer, accumulator, unit_loss,
             self._built_compile_metrics(data), LoopConfig(
@@ -394,18 +397,10 @@ class DPModel(keras.Model):
         """"vectorized" or "ghost" for DPConfig.clipping (see its docstring); logs the choice
         and, when "auto" falls back to vectorized, the variables that forced it."""
         requested = self.dp_config.clipping
-        patient = data.patients is not None
-        if requested == "ghost" and patient:
-            raise ValueError("clipping='ghost' does not support privacy_unit='patient' yet; "
-                             "use clipping='vectorized' (or 'auto').")
         if requested != "auto":
             _log.info("DP clipping: %s (DPConfig.clipping=%r).", requested, requested)
             return requested
         fallback = ghost_clipping.describe_plan(self.inner)["fallback"]
-        if patient:
-            _log.info("DP clipping: vectorized per-patient gradients (privacy_unit='patient' "
-                      "has no ghost path yet).")
-            return "vectorized"
         if fallback:
             shown = ", ".join(fallback[:5]) + (f" and {len(fallback) - 5} more"
                                                if len(fallback) > 5 else "")
