@@ -9,7 +9,8 @@ Designs (docs/audit.md, "Dirac canaries"):
                 sees every release; steps_per_execution=1 for the recorder).
 
 For each design and each ε in --epsilons: σ calibrated to ε (PLD accountant, δ = 1e-5), one
-audited run, the Steinke–Nasr–Jagielski bound and the f-DP bound from the same guesses. Then a
+audited run, the Steinke–Nasr–Jagielski bound and the two f-DP bounds (Gaussian curve: μ_LB and
+its ε; (ε, δ) curve: valid for every mechanism) from the same guesses. Then a
 broken-mechanism control per design: noise σ/10 while the run claims the ε of σ (--claim); the
 llr assumes the claimed σ. It must be flagged (a bound above the claimed ε).
 
@@ -117,7 +118,9 @@ def audit_run(design: str, x, y, args, *, target_epsilon=None, noise_multiplier=
             "run_accountant_epsilon": res.accountant_epsilon,
             "steinke_lb": round(steinke.epsilon, 4), "steinke_k": steinke.k,
             "steinke_v_of_r": [steinke.v, steinke.r], "fdp_lb": round(fdp.epsilon, 4),
-            "fdp_mu_lb": round(fdp.mu, 4), "fdp_k": fdp.k, "ks_tried": list(steinke.ks_tried),
+            "fdp_mu_lb": round(fdp.mu, 4), "fdp_k": fdp.k,
+            "fdp_eps_delta_lb": round(fdp.epsilon_eps_delta, 4),
+            "fdp_eps_delta_k": fdp.k_eps_delta, "ks_tried": list(steinke.ks_tried),
             "steps_per_execution": per_call, "clipping": dp.clipping_method}
 
 
@@ -141,7 +144,9 @@ def run_case(design: str, epsilon: float, x, y, args, broken: bool = False) -> d
         **out,
         "ratio_steinke": round(out["steinke_lb"] / claimed, 3),
         "ratio_fdp": round(out["fdp_lb"] / claimed, 3),
+        "ratio_fdp_eps_delta": round(out["fdp_eps_delta_lb"] / claimed, 3),
         "flagged_steinke": out["steinke_lb"] > claimed, "flagged_fdp": out["fdp_lb"] > claimed,
+        "flagged_fdp_eps_delta": out["fdp_eps_delta_lb"] > claimed,
         "wall_s": round(time.perf_counter() - start, 1), "cpu_model": cpu_model(),
         "threads": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
     record["run_accountant_epsilon"] = round(record["run_accountant_epsilon"], 4)

@@ -180,6 +180,7 @@ def test_broken_mechanism_is_flagged_and_a_correct_run_is_not(score):
     assert honest.accountant_epsilon == pytest.approx(reference, rel=1e-3) and reference <= 4.0
     assert 0 < honest.audit.epsilon <= reference
     assert 0 < honest.audit_fdp.epsilon <= reference
+    assert 0 < honest.audit_fdp.epsilon_eps_delta <= reference
     broken_sigma = honest.noise_multiplier / 10
     _, broken = small_audit(score, score_noise_multiplier=honest.noise_multiplier,
                             noise_multiplier=broken_sigma)
@@ -188,6 +189,7 @@ def test_broken_mechanism_is_flagged_and_a_correct_run_is_not(score):
           f"{honest.audit_fdp.epsilon:.2f} (accountant {reference:.2f}); σ/10 run "
           f"{broken.audit.epsilon:.2f} / {broken.audit_fdp.epsilon:.2f}")
     assert broken.audit.epsilon > reference and broken.audit_fdp.epsilon > reference
+    assert broken.audit_fdp.epsilon_eps_delta > reference
 
 
 # ---- the benchmark's ε = 4 case (benchmarks/audit_table.py) ----------------------------------
@@ -215,4 +217,5 @@ def test_audit_table_case_at_epsilon_4(design):
     assert dp_case["steinke_lb"] <= reference and dp_case["fdp_lb"] <= reference
     assert dp_case["fdp_lb"] >= 0.5 * reference
     broken = table.run_case(design, 4.0, x, y, args, broken=True)
-    assert broken["flagged_steinke"] and broken["flagged_fdp"]
+    assert dp_case["fdp_eps_delta_lb"] <= reference
+    assert broken["flagged_steinke"] and broken["flagged_fdp"] and broken["flagged_fdp_eps_delta"]
