@@ -47,6 +47,7 @@ REGISTERED_CLASSES = {  # registered name -> module that defines and registers t
     "tfdpfair>SqueezeExcite": "tfdpfair.models.layers",
     "tfdpfair>StochasticDepth": "tfdpfair.models.layers",
     "tfdpfair>PerExampleDropout": "tfdpfair.models.layers",
+    "tfdpfair>CanarySlots": "tfdpfair.models.canary_slots",
 }
 
 

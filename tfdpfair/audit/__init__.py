@@ -7,6 +7,8 @@ Modules (numpy/scipy unless noted; TensorFlow only where scores are produced):
                        Melis & Chaudhuri 2025): the same guesses -> μ lower bound and its ε at δ
   scores               white-box canary scores from the released updates' projections
   canaries             (TF) gradient canaries injected into DPModel, and the projection recorder
+  dirac                (TF) Dirac canaries: one coordinate each in CanarySlots no example
+                       touches; last-iterate and all-steps scores, both bounds
   input_canaries       (TF) black-box canaries: mislabelled examples, scored by their loss
   losses               (TF) per-example losses of a Keras model (the membership score producer;
                        the run's own loss for the trainer's tasks)

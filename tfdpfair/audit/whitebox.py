@@ -96,21 +96,32 @@ def audit_gradient_canaries(dp_model, x, y, *, num_canaries: int, seed: int,
     recorder = UpdateProjectionRecorder(canaries, model.trainable_variables)
     dp_model.set_audit_canaries(canaries)
     dp_model.fit(x, y, epochs=epochs, steps=steps, callbacks=[recorder], verbose=verbose)
+    values = (recorded_llr(recorder, dp_model, lr, score_noise_multiplier) if score == "llr"
+              else recorder.total_score())
+    return canary_audit(dp_model, score, values, canaries.included,
+                        default_ks(num_canaries) if ks is None else ks, p_threshold)
+
+
+def recorded_llr(recorder: UpdateProjectionRecorder, dp_model, learning_rate: float,
+                 score_noise_multiplier: float | None = None) -> np.ndarray:
+    """scores.llr_score of the recorded per-step projections of a finished SGD run at η: [m]."""
+    cfg, plan = dp_model.dp_config, dp_model.plan
+    return scores_lib.llr_score(
+        recorder.projections,
+        scores_lib.sgd_update_scale(learning_rate, cfg.expected_batch_size, cfg.l2_norm_clip,
+                                    cfg.rescale_to_unit_norm),
+        cfg.l2_norm_clip, score_noise_multiplier or plan.noise_multiplier,
+        min(plan.sampling_rate, 1 - 1e-12))
+
+
+def canary_audit(dp_model, score: str, values, included, ks: int | Sequence[int],
+                 p_threshold: float) -> CanaryAudit:
+    """Both one-run bounds (Steinke et al.; f-DP) of a finished run's canary scores, with its
+    plan (ε after the steps done, σ, q, T)."""
     plan = dp_model.plan
-    if score == "llr":
-        values = scores_lib.llr_score(
-            recorder.projections,
-            scores_lib.sgd_update_scale(lr, cfg.expected_batch_size, cfg.l2_norm_clip,
-                                        cfg.rescale_to_unit_norm),
-            cfg.l2_norm_clip, score_noise_multiplier or plan.noise_multiplier,
-            min(plan.sampling_rate, 1 - 1e-12))
-    else:
-        values = recorder.total_score()
-    ks = default_ks(num_canaries) if ks is None else ks
-    audit = bound_lib.audit_from_scores(values, canaries.included, ks, plan.delta, p_threshold)
-    audit_fdp = fdp_lib.fdp_audit_from_scores(values, canaries.included, ks, plan.delta,
-                                              p_threshold)
+    audit = bound_lib.audit_from_scores(values, included, ks, plan.delta, p_threshold)
+    audit_fdp = fdp_lib.fdp_audit_from_scores(values, included, ks, plan.delta, p_threshold)
     return CanaryAudit(audit, score, float(plan.epsilon(dp_model.logical_steps_done)),
                        float(plan.noise_multiplier), float(plan.sampling_rate),
-                       int(dp_model.logical_steps_done), np.asarray(values), canaries.included,
+                       int(dp_model.logical_steps_done), np.asarray(values), included,
                        audit_fdp)

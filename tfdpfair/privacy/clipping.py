@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from tfdpfair.models.layers import vectorizable_conv_gradients
@@ -88,8 +89,11 @@ def per_example_gradients(
             out = loss_fn(example)
             loss, aux = out if has_aux else (out, ())
             loss = tf.cast(loss, tf.float32)
-        grads = tape.gradient(
-            loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = tape.gradient(loss, variables)
+        # Zeros for unconnected variables made here: UnconnectedGradients.ZERO fails on Keras 3
+        # variables (e.g. the never-read CanarySlots of an audit model).
+        grads = [tf.zeros(v.shape, v.dtype) if g is None else g
+                 for g, v in zip(grads, variables)]
         return grads, loss, aux
 
     with vectorizable_conv_gradients():  # traced here, so WSConv2D picks its vectorisable grad
@@ -173,6 +177,30 @@ def clipped_rows_sum(rows: Sequence[tf.Tensor], mask: tf.Tensor, l2_norm_clip: f
     kept = tf.where(tf.math.is_finite(raw_norms), sampled, 0.0)
     factors = clip_factors(tf.where(kept > 0, raw_norms, 0.0), l2_norm_clip, kept)
     return [_masked_weighted_sum(factors, kept, r) for r in rows]
+
+
+def clipped_coordinates_sum(shapes: Sequence[Sequence[int]], coordinates: tf.Tensor,
+                            values: tf.Tensor, mask: tf.Tensor, l2_norm_clip: float
+                            ) -> list[tf.Tensor]:
+    """Σ_j m_j · clip_C(v_j·e_{k_j}) for one-coordinate ("Dirac") gradients, per variable.
+
+    Unit j's gradient is v_j times the basis vector of flat coordinate k_j = ``coordinates[j]``
+    of the concatenation of variables with ``shapes`` (each flattened, in order). Its L2 norm is
+    |v_j|, so clipping gives v_j·C/max(|v_j|, C); a non-finite v_j contributes zero. Units may
+    share a coordinate (their clipped values add). ``coordinates`` must lie in [0, P) (checked
+    by the caller when the units are set); ``mask`` is bool or 0/1. Returns one tensor per
+    shape, as :func:`clipped_rows_sum` does for dense rows.
+    """
+    if not l2_norm_clip > 0:
+        raise ValueError(f"l2_norm_clip must be > 0, got {l2_norm_clip}.")
+    sizes = [int(np.prod(s)) for s in shapes]
+    v = tf.cast(values, tf.float32)
+    sampled = tf.cast(tf.cast(mask, tf.bool), tf.float32)
+    kept = tf.where(tf.math.is_finite(v), sampled, 0.0)
+    norms = tf.where(kept > 0, tf.abs(v), 0.0)
+    clipped = clip_factors(norms, l2_norm_clip, kept) * tf.where(kept > 0, v, 0.0)
+    flat = tf.math.unsorted_segment_sum(clipped, tf.cast(coordinates, tf.int64), sum(sizes))
+    return [tf.reshape(part, s) for part, s in zip(tf.split(flat, sizes), shapes)]
 
 
 def _masked_weighted_sum(factors: tf.Tensor, mask: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:

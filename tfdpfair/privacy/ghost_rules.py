@@ -35,6 +35,7 @@ from typing import Any, Callable
 import keras
 import tensorflow as tf
 
+from tfdpfair.models import canary_slots
 from tfdpfair.models import layers as tfdp_layers
 from tfdpfair.models import nfnet, wide_resnet
 from tfdpfair.privacy import ghost_linear as gl
@@ -396,3 +397,23 @@ def rule_for(layer) -> Rule | None:
         if rule.matches(layer):
             return rule
     return None
+
+
+class CanarySlotsRule(Rule):
+    """CanarySlots (models/canary_slots.py): identity whose ``slots`` the call never reads, so
+    every example's gradient on them is exactly zero. Nothing is recorded and no piece is
+    returned, so ghost_clipped_grad_sum gives the slots a zero norm share and a zero sum."""
+
+    layer_type = canary_slots.CanarySlots
+
+    def variables(self, layer):
+        return [layer.slots]
+
+    def forward(self, layer, original, capture, inputs, *args, **kwargs):
+        return original(inputs, *args, **kwargs)
+
+    def pieces(self, layer, records, batch, wanted, mode):
+        return []
+
+
+RULES.append(CanarySlotsRule())

@@ -88,12 +88,16 @@ class DPOptimizer(tf.Module):
       epochs, steps: fix T (only when the plan is fixed for the first time).
       patient_ids: with ``DPConfig(privacy_unit="patient")``, one id per example (default:
         the source's ``patient_ids``); the sampled and clipped units are then patients.
+      audit_canaries: for privacy audits only, gradient canaries as for
+        ``DPModel.set_audit_canaries`` (tfdpfair/audit): the plan counts N + m units and every
+        release adds the included canaries that its own Poisson draw picks, clipped to C,
+        before the noise (the same loop code as fit). The run is then an audit run.
     """
 
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, loss: Any,
                  dp_config: DPConfig, *, x: Any, y: Any = None, epochs: float | None = None,
                  steps: int | None = None, patient_ids: Any = None,
-                 name: str = "dp_optimizer"):
+                 audit_canaries: Any = None, name: str = "dp_optimizer"):
         super().__init__(name=name)
         if dp_config.ema_decay is not None or dp_config.polyak:
             raise guards.DPUsageError(
@@ -104,11 +108,13 @@ class DPOptimizer(tf.Module):
             raise TypeError(f"optimizer must be a Keras 3 optimizer instance, got "
                             f"{type(optimizer).__name__}.")
         dp_model = DPModel(model, dp_config)
+        dp_model.set_audit_canaries(audit_canaries)
         data = dp_model._training_data(x, y, patient_ids)
         dp_model.compile(optimizer=optimizer, loss=_checked_loss(model, loss, data))
         dp_model._check_ready(data)  # every check DPModel.fit makes before budget is spent
         with dp_model.distribute_strategy.scope():
-            plan = dp_model.prepare(data.num_units, epochs=epochs, steps=steps)
+            plan = dp_model.prepare(data.num_units + dp_model._num_canaries(), epochs=epochs,
+                                    steps=steps)
             loop = dp_model._loop(plan, data)
             counter = tf.Variable(0, dtype=tf.int64, trainable=False,
                                   synchronization=tf.VariableSynchronization.ON_READ,

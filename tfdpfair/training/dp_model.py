@@ -179,9 +179,11 @@ class DPModel(keras.Model):
     def set_audit_canaries(self, canaries: Any) -> None:
         """For privacy audits only (tfdpfair/audit): m gradient canaries that join the run.
 
-        ``canaries`` holds ``num_canaries`` (m), ``gradient_blocks`` (the canary gradients, one
-        [m, *shape] tensor per trainable variable), ``included`` (bool [m]) and
-        ``sampling_seed``. At every logical step the loop draws which canaries join (Poisson,
+        ``canaries`` holds ``num_canaries`` (m), the canary gradients, ``included`` (bool [m])
+        and ``sampling_seed``. The gradients are either ``gradient_blocks`` (one [m, *shape]
+        tensor per trainable variable) or, for one-coordinate "Dirac" canaries,
+        ``coordinates`` (int [m], flat indices into the concatenated trainable variables) and
+        ``values`` (float [m]). At every logical step the loop draws which canaries join (Poisson,
         the plan's q), clips each to C like an example and adds them before the noise. The m
         canaries count in the plan's N, so set them before the plan is fixed (before
         ``prepare``/``fit``); the run is then an audit run for good (its exports say so).
@@ -410,7 +412,7 @@ class DPModel(keras.Model):
                 raise ValueError(f"the canaries were made for q = {rate:g}, the plan samples at "
                                  f"q = {plan.sampling_rate:g} (N counts the canaries: use "
                                  "plan_privacy(N + m, ...).sampling_rate).")
-            loop.canaries, loop.canary_sampling_rate = self._audit_canaries, plan.sampling_rate
+            loop.set_canaries(self._audit_canaries, plan.sampling_rate)
         self._runtime = {"key": key, "loop": loop}
         return loop
 

@@ -26,11 +26,13 @@ import dataclasses
 from typing import Any, Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfdpfair.data import augment
 from tfdpfair.privacy import sampling
-from tfdpfair.privacy.clipping import clipped_grad_sum, clipped_rows_sum
+from tfdpfair.privacy.clipping import (clipped_coordinates_sum, clipped_grad_sum,
+                                       clipped_rows_sum)
 from tfdpfair.privacy.dp_sgd import DPGradientAccumulator
 from tfdpfair.privacy.ghost_clipping import ghost_clipped_grad_sum
 from tfdpfair.training.dp_state import DPState
@@ -181,17 +183,41 @@ class DPStepLoop:
             update = self.accumulator.replica_update(seed, step, extra)
         self.optimizer.apply(update, self.variables)
 
+    def set_canaries(self, canaries: Any, sampling_rate: float) -> None:
+        """Audit canaries (DPModel.set_audit_canaries) joining every step at the plan's q.
+
+        Dirac canaries (``coordinates`` set) are checked here, before any step: m integer
+        coordinates in [0, P) of the P trainable coordinates, and m values.
+        """
+        coordinates = getattr(canaries, "coordinates", None)
+        if coordinates is not None:
+            k, m = np.asarray(coordinates), int(canaries.num_canaries)
+            size = sum(int(np.prod(v.shape)) for v in self.variables)
+            if (k.shape != (m,) or not np.issubdtype(k.dtype, np.integer)
+                    or np.shape(canaries.values) != (m,) or not 0 <= k.min() <= k.max() < size):
+                raise ValueError(
+                    f"Dirac canaries need {m} integer coordinates in [0, {size}) (the trainable "
+                    f"coordinates of the model) and {m} values; got coordinates of shape "
+                    f"{k.shape}, dtype {k.dtype}, values of shape {np.shape(canaries.values)}.")
+        self.canaries, self.canary_sampling_rate = canaries, float(sampling_rate)
+
     def _canary_sum(self, step):
         """Σ_j clip_C(u_j) over the included canaries that step t's Poisson draw (rate q) picks.
 
         The loop draws and clips itself, whatever the canary object holds: each canary is one
         more unit of the plan's N, with the same sensitivity C and sampling rate q as an example.
+        Canaries come as dense ``gradient_blocks`` (one [m, *shape] tensor per variable) or as
+        one-coordinate "Dirac" gradients ``coordinates`` [m] (flat index into the concatenated
+        trainable variables) with ``values`` [m] (tfdpfair/audit/dirac.py).
         """
         c = self.canaries
         present = tf.logical_and(
             sampling.poisson_mask(c.sampling_seed, step, c.num_canaries,
                                   self.canary_sampling_rate),
             tf.cast(c.included, tf.bool))
+        if getattr(c, "coordinates", None) is not None:
+            return clipped_coordinates_sum([v.shape for v in self.variables], c.coordinates,
+                                           c.values, present, self.config.l2_norm_clip)
         return clipped_rows_sum(c.gradient_blocks, present, self.config.l2_norm_clip)
 
     # ---- the call ------------------------------------------------------------------------
