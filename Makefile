@@ -7,7 +7,7 @@ WORKDIR ?= runs/demo
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: install demo test test-all test-fast bench bench-peers clean
+.PHONY: install demo test test-all test-fast bench bench-install bench-ghost-memory bench-nfnet-f0 bench-peers clean
 
 install: $(STAMP)
 
@@ -39,6 +39,25 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/dp_step_time.py
+
+# Profiling tools (memray, TensorBoard's profile plugin) from setup.py's `bench` extra, into .venv
+# with their own stamp: `make install` / `make test` never need them.
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_ARGS ?=
+
+bench-install: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP) setup.py
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# Time and peak RSS of the ghost step's variants (WRN-16-4, B = 128; docs/benchmarks.md).
+bench-ghost-memory: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/ghost_memory.py $(BENCH_ARGS)
+
+# NFNet-F0 at 224x224: ghost vs non-private per micro-batch, and whole steps through fit.
+bench-nfnet-f0: $(STAMP)
+	$(BIN)/python benchmarks/nfnet_f0.py $(BENCH_ARGS)
 
 # Side by side with PyTorch + Opacus (issue 12): a SEPARATE virtualenv, never part of `make test`.
 # PyPI's torch wheel is the CUDA build (it pulls ~3 GB of nvidia-* wheels); the CPU build

@@ -36,6 +36,14 @@ CHECKPOINTS_REQUIRES = [
     "dill>=0.3.6,<0.5",
 ]
 
+# Profiling tools for the benchmarks (``make bench-install``; never part of the base install or
+# of ``make test``): memray for native allocation traces of a step (benchmarks/ghost_memory.py
+# --memray), tensorboard-plugin-profile (XProf) to read TF profiler traces (tf.profiler).
+BENCH_REQUIRES = [
+    "memray>=1.11",
+    "tensorboard-plugin-profile>=2.18",
+]
+
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -71,6 +79,7 @@ setup(
     extras_require={
         "test": TEST_REQUIRES,
         "checkpoints": CHECKPOINTS_REQUIRES,
+        "bench": BENCH_REQUIRES,
         "tfprivacy": [TF_PRIVACY_REQUIREMENT],
     },
     entry_points={

@@ -135,10 +135,13 @@ CASES = [(mlp, (6,)), (sequence_net, (5, 6)), (grouped_conv_net, (7, 7, 4)),
 
 @pytest.fixture(params=["whole_batch", "one_example_chunks"])
 def chunking(request, monkeypatch):
-    """Per-example products over the whole batch at once, or one example per chunk."""
+    """Per-example products over the whole batch at once, with the convs' clipped sums by one
+    batched native kernel gradient (the defaults); or one example per chunk, with the sums
+    from the kept per-example gradients / im2col patches (NATIVE_WEIGHTED_SUM off)."""
     if request.param == "one_example_chunks":
         monkeypatch.setattr(ghost_linear, "CHUNK_BYTES", 1)
         monkeypatch.setattr(ghost_linear, "NATIVE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(ghost_linear, "NATIVE_WEIGHTED_SUM", False)
     return request.param
 
 

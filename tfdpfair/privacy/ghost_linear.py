@@ -79,6 +79,15 @@ gradients, A-sized transposes and D within this many bytes (≈ 4 examples of a 
 32×32 WRN layer, the fastest of 1, 4, 8, 16 there; a whole small-model batch in one call)."""
 
 
+NATIVE_WEIGHTED_SUM = True
+"""Form a conv's clipped sum Σ_i c_i G_i by ONE batched native kernel gradient of
+(x, c·∂L/∂z) (``LinearPiece.weighted_native``, :func:`conv_weighted_sum`) instead of from the
+kept direct-mode per-example gradients (memory B·P·O per layer, held until the clip factors
+are known) or, in ghost mode, from im2col patches. WRN-16-4, B = 128, on a 2-core CPU without
+oneDNN: 19% faster than the kept-gradient path in the same run; peak RSS within noise
+(benchmarks/ghost_memory.py, docs/benchmarks.md "Where the memory goes")."""
+
+
 @dataclasses.dataclass
 class LinearPiece:
     """Per-example gradient Σ_t A[i,t]ᵀ D[i,t] of one variable (see the module docstring).
@@ -87,6 +96,11 @@ class LinearPiece:
     they exist for one chunk of examples at a time); D: [B, T, G, O]. ``fan_in`` = P is needed
     when A is a function. ``per_example`` (optional) gives the direct mode's per-example
     gradients of examples i0..i1 as [n, G, P, O] without A (a conv's native kernel gradient).
+    ``weighted_native`` (optional) gives Σ_i c_i G_i as [G, P, O] from (factors, keep) in one
+    call (a conv's batched native kernel gradient); with it (and NATIVE_WEIGHTED_SUM) direct mode
+    keeps no per-example gradient. ``out_scale`` (optional, [G, O]) scales output channel o of
+    the gradient: the piece's gradient is (Σ_t A_tᵀ D_t)·diag(out_scale), applied to the
+    products, so that no scaled copy of D is kept (WS kernels: gain/√s per channel).
     ``sq_norms`` and ``weighted_sum`` run their chunks in order (control dependencies), after
     the ops in ``after``.
     """
@@ -98,6 +112,8 @@ class LinearPiece:
     mode: str = AUTO
     fan_in: int | None = None
     per_example: RowsFn | None = None
+    weighted_native: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None
+    out_scale: tf.Tensor | None = None
     _per_example: list | None = None  # direct mode after sq_norms: [(i0, i1, g [n, G, P, O])]
 
     def dims(self) -> tuple[int | None, int, int]:
@@ -144,6 +160,14 @@ class LinearPiece:
     def _d_rows(self, i0, i1) -> tf.Tensor:
         return self.D if i0 is None else self.D[i0:i1]
 
+    def _scaled(self, x: tf.Tensor, channel_axis_of_groups: int = -3) -> tf.Tensor:
+        """x [..., G, (·,) O] times out_scale [G, O] (x unchanged without out_scale); the group
+        axis is ``channel_axis_of_groups`` (−3 for [.., G, P, O], −2 for [.., G, O])."""
+        if self.out_scale is None:
+            return x
+        scale = self.out_scale if channel_axis_of_groups == -2 else self.out_scale[:, None, :]
+        return x * scale
+
     def sq_norms(self, after: Sequence[tf.Tensor] = ()) -> tf.Tensor:
         """‖∂l_i/∂variable‖² for every example, shape [B] (NaN stays NaN)."""
         if self.ws is None and self.D.shape[1] == 1 and not callable(self.A):
@@ -151,24 +175,31 @@ class LinearPiece:
             return tf.reduce_sum(tf.reduce_sum(A * A, -1) * tf.reduce_sum(D * D, -1), [1, 2])
         direct = self.resolved_mode() == DIRECT
         native = direct and self.per_example is not None
-        self._per_example = [] if direct else None
+        keep = direct and not self.native_sum()  # per-example gradients needed for the sum
+        self._per_example = [] if keep else None
         parts, deps = [], list(after)
         for i0, i1 in self.chunks(native):
             with tf.control_dependencies(deps):
                 if not native:
                     a, d = group_major(self.rows(i0, i1)), group_major(self._d_rows(i0, i1))
                 if direct:  # [n, G, P, O], before any WS projection
-                    g = (self.per_example(i0, i1) if native
-                         else tf.linalg.matmul(a, d, transpose_a=True))
-                    self._per_example.append((i0, i1, g))
+                    g = self._scaled(self.per_example(i0, i1) if native
+                                     else tf.linalg.matmul(a, d, transpose_a=True))
+                    if keep:
+                        self._per_example.append((i0, i1, g))
                     sq = tf.reduce_sum(tf.square(g), [1, 2, 3])
                 else:
+                    d = self._scaled(d)  # [n, G, T, O]
                     sq = tf.reduce_sum(tf.linalg.matmul(a, a, transpose_b=True)
                                        * tf.linalg.matmul(d, d, transpose_b=True), [1, 2, 3])
             parts.append(sq)
             deps = [sq]
         sq = parts[0] if len(parts) == 1 else tf.concat(parts, 0)
         return sq if self.ws is None else self._standardisation_correction(sq)
+
+    def native_sum(self) -> bool:
+        """Whether ``weighted_sum`` uses ``weighted_native`` (see NATIVE_WEIGHTED_SUM)."""
+        return NATIVE_WEIGHTED_SUM and self.weighted_native is not None
 
     def _standardisation_correction(self, sq: tf.Tensor) -> tf.Tensor:
         """‖P(h_i)‖² from ‖h_i‖², with P = ``ws.project`` (docs/ghost_clipping.md): per (g, o),
@@ -180,9 +211,9 @@ class LinearPiece:
         does not assume ‖u‖ = 1 and 1ᵀu = 0 (which the float32 u meets only to rounding)."""
         ws = self.ws
         n = float(self.dims()[1])
-        hsum = tf.linalg.matmul(group_major(ws.asum[..., None]), group_major(self.D),
-                                transpose_a=True)[:, :, 0]  # Σ_p h[p, o]: [B, G, O]
-        uh = tf.reduce_sum(ws.tu * self.D, axis=1)  # uᵀh per (g, o)
+        hsum = self._scaled(tf.linalg.matmul(group_major(ws.asum[..., None]), group_major(self.D),
+                                             transpose_a=True)[:, :, 0], -2)  # Σ_p h[p, o]
+        uh = self._scaled(tf.reduce_sum(ws.tu * self.D, axis=1), -2)  # uᵀh per (g, o)
         uu = tf.reduce_sum(tf.square(ws.u), axis=-2)  # ‖u‖² per (g, o): [G, O]
         u1 = tf.reduce_sum(ws.u, axis=-2)  # 1ᵀu per (g, o)
         terms = (tf.square(hsum) / n + ws.active * tf.square(uh) * (2.0 - uu)
@@ -194,7 +225,10 @@ class LinearPiece:
                      after: Sequence[tf.Tensor] = ()) -> tf.Tensor:
         """Σ_i factors_i · G_i as [G, P, O]; rows with keep = False contribute exactly 0."""
         h, deps = None, list(after)
-        if self._per_example is not None:
+        if self.native_sum():
+            with tf.control_dependencies(deps):
+                h = self._scaled(self.weighted_native(factors, keep))
+        elif self._per_example is not None:
             for i0, i1, g in self._per_example:
                 f, k = (factors, keep) if i0 is None else (factors[i0:i1], keep[i0:i1])
                 part = tf.tensordot(f, zero_rows(g, k), axes=[[0], [0]])
@@ -211,6 +245,7 @@ class LinearPiece:
                     part = tf.linalg.matmul(a, d, transpose_a=True)
                 h = part if h is None else h + part
                 deps = [h]
+            h = self._scaled(h)
         # The standardisation Jacobian is the same for every example: Σ c_i·P(h_i) = P(Σ c_i·h_i).
         return h if self.ws is None else self.ws.project(h)
 
@@ -323,6 +358,25 @@ def conv_per_example_gradients(x: tf.Tensor, dz: tf.Tensor, kernel_shape, stride
     if rows_per_example > 1:
         k = tf.reduce_sum(tf.reshape(k, [-1, rows_per_example, groups, kh * kw * cg, og]), 1)
     return k
+
+
+def conv_weighted_sum(x: tf.Tensor, dz: tf.Tensor, factors: tf.Tensor, keep: tf.Tensor,
+                      kernel_shape, strides, padding: str, groups: int) -> tf.Tensor:
+    """Σ_i factors_i · G_i as [G, P, O_g] by ONE batched native Conv2DBackpropFilter of
+    (x, factors·dz): the kernel gradient of Σ_i factors_i·l_i, formed like the non-private
+    step's. x: [B·R, H, W, C], dz: [B·R, H', W', G·O_g] (R example-major rows per example);
+    factors, keep: [B]. Rows with keep = False are zeroed in x and dz first, so they contribute
+    exactly 0 even when non-finite. Grouped kernels need a grouped Conv2DBackpropFilter
+    (:func:`native_grouped_backprop_supported`)."""
+    static = x.shape[0] is not None and factors.shape[0] is not None
+    rows = x.shape[0] // factors.shape[0] if static else tf.shape(x)[0] // tf.shape(factors)[0]
+    keep_rows, c_rows = tf.repeat(keep, rows), tf.repeat(tf.cast(factors, tf.float32), rows)
+    x = zero_rows(tf.cast(x, tf.float32), keep_rows)
+    dz = zero_rows(tf.cast(dz, tf.float32), keep_rows) * c_rows[:, None, None, None]
+    k = tf.raw_ops.Conv2DBackpropFilter(
+        input=x, filter_sizes=[int(d) for d in kernel_shape], out_backprop=dz,
+        strides=[1, strides[0], strides[1], 1], padding=padding.upper())
+    return kernel_to_grouped(k, groups)
 
 
 def window_sums(x: tf.Tensor, kernel_size, strides, padding: str, groups: int, batch):

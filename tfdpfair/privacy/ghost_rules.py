@@ -141,6 +141,20 @@ def _native_per_example(records: list[dict], batch, kernel_shape, strides, paddi
     return per_example
 
 
+def _native_weighted_sum(records: list[dict], kernel_shape, strides, padding, groups):
+    """weighted(factors, keep) -> Σ_i factors_i·G_i [G, P, O_g] over the layer's calls, by one
+    batched native kernel gradient per call (gl.conv_weighted_sum); None for a grouped kernel
+    where this TensorFlow has no grouped Conv2DBackpropFilter."""
+    if groups > 1 and not gl.native_grouped_backprop_supported():
+        return None
+
+    def weighted(factors, keep):
+        return sum(gl.conv_weighted_sum(r["x"], r["dz"], factors, keep, kernel_shape, strides,
+                                        padding, groups) for r in records)
+
+    return weighted
+
+
 def _bias_piece(var, records, batch, wanted):
     if var is None or id(var) not in wanted:
         return []
@@ -196,13 +210,15 @@ class Conv2DRule(Rule):
             a = _patch_rows(records, batch, layer.kernel_size, layer.strides, layer.padding, g,
                             layer.dilation_rate)
             d = _concat(records, "dz", lambda r: gl.grouped_rows(r["dz"], g, batch))
-            native = None
+            native = weighted = None
             if tuple(layer.dilation_rate) == (1, 1):
                 native = _native_per_example(records, batch, layer.kernel.shape, layer.strides,
                                              layer.padding, g, lambda dz: dz)
+                weighted = _native_weighted_sum(records, layer.kernel.shape, layer.strides,
+                                                layer.padding, g)
             out.append(KernelPiece(gl.LinearPiece(layer.kernel, a, d, mode=mode,
                                                   fan_in=_fan_in(layer.kernel),
-                                                  per_example=native),
+                                                  per_example=native, weighted_native=weighted),
                                    tuple(layer.kernel.shape)))
         return out
 
@@ -262,20 +278,24 @@ class WSConv2DRule(Rule):
             first = records[0]
             scale = tf.cast(layer.gain, tf.float32) * tf.math.rsqrt(first["s"])  # [O]
             a = _patch_rows(records, batch, (k, k), (layer.strides,) * 2, layer.padding, g)
-            d = _concat(records, "dz", lambda r: gl.grouped_rows(
-                tf.cast(r["dz"], tf.float32) * scale, g, batch))
+            # ∂L/∂u = (∂L/∂z)·gain/√s per channel: the scale is applied to the products
+            # (LinearPiece.out_scale), not to a kept copy of ∂L/∂z.
+            d = _concat(records, "dz", lambda r: gl.grouped_rows(r["dz"], g, batch))
             tu = _concat(records, "t", lambda r: gl.grouped_rows(self._t32(layer, r), g, batch))
             ws = gl.WSProjection(
                 u=gl.kernel_to_grouped(first["u"], g),
                 active=tf.reshape(first["active"], [g, -1]),
                 asum=_concat(records, "x", lambda r: gl.window_sums(
                     r["x"], (k, k), (layer.strides,) * 2, layer.padding, g, batch)), tu=tu)
-            native = _native_per_example(
-                records, batch, layer.kernel.shape, (layer.strides,) * 2, layer.padding, g,
-                lambda dz: tf.cast(dz, tf.float32) * scale)
+            strides = (layer.strides,) * 2
+            native = _native_per_example(records, batch, layer.kernel.shape, strides,
+                                         layer.padding, g, lambda dz: dz)
+            weighted = _native_weighted_sum(records, layer.kernel.shape, strides, layer.padding,
+                                            g)
             out.append(KernelPiece(gl.LinearPiece(layer.kernel, a, d, ws=ws, mode=mode,
                                                   fan_in=_fan_in(layer.kernel),
-                                                  per_example=native),
+                                                  per_example=native, weighted_native=weighted,
+                                                  out_scale=tf.reshape(scale, [g, -1])),
                                    tuple(layer.kernel.shape)))
         return out
 
