@@ -8,7 +8,8 @@ timed by wrapping it, so the phases of one step add up to its wall time:
 * ``train_call``: the compiled call (input pipeline, k_t micro-batch accumulates, release:
   noise, optimizer apply, averages);
 * ``verify`` / ``record``: the release binding's fingerprint check before and record after
-  the call (training/release_binding.py);
+  the call (training/release_binding.py); since issue 23's fix ``check_unchanged`` /
+  ``mark_released`` per step and ``flush`` per epoch (``verify`` then runs once per fit);
 * ``epsilon``: the ε shown in the per-step logs (EpsilonLog);
 * ``callbacks``: on_train_batch_begin/end of the callback list (progress bar off);
 * ``step``: wall time of one whole loop iteration (StepTimer-like: batch begin -> batch end).
@@ -18,6 +19,7 @@ Plus, in the same process: the compiled micro-batch step alone (benchmarks/clipp
 the first, with the CPU model and the 1-minute load average.
 
   python benchmarks/fit_overhead.py --models mobilenetv2 --steps 8
+  PYTHONPATH=/path/to/other/checkout python benchmarks/fit_overhead.py   # before/after
 """
 
 from __future__ import annotations
@@ -62,10 +64,13 @@ def run(name: str, steps: int, repeats: int) -> list[dict]:
     micro = time_step(make_step(model, "ghost", tf.constant(x), tf.constant(y)), repeats)
 
     table: dict[str, list[float]] = defaultdict(list)
-    patches = {(release_binding, "verify"): "verify", (release_binding, "record"): "record",
+    patches = {(release_binding, name): name for name in (
+        "verify", "record", "check_unchanged", "mark_released", "flush")
+        if hasattr(release_binding, name)}  # the last three: after issue 23's fix
+    patches.update({
                (fit_loop.EpsilonLog, "epsilon"): "epsilon",
                (keras.callbacks.CallbackList, "on_train_batch_begin"): "callbacks_begin",
-               (keras.callbacks.CallbackList, "on_train_batch_end"): "callbacks_end"}
+               (keras.callbacks.CallbackList, "on_train_batch_end"): "callbacks_end"})
     originals = {key: getattr(*key) for key in patches}
     for (owner, attr), label in patches.items():
         setattr(owner, attr, _timed(table, label, originals[(owner, attr)]))
@@ -97,7 +102,7 @@ def run(name: str, steps: int, repeats: int) -> list[dict]:
         setattr(*key, fn)
     dp_model_lib.DPModel._loop = original_loop
 
-    common = {"model": name, "batch": BATCH, "sampling_rate": 1.0, "steps": steps,
+    common = {"code": os.path.dirname(os.path.dirname(tfdpfair.__file__)), "model": name, "batch": BATCH, "sampling_rate": 1.0, "steps": steps,
               "params": int(model.count_params()), "weight_variables": len(model.weights),
               "cpu": cpu_model(), "threads": os.cpu_count(),
               "load_avg_1min": round(os.getloadavg()[0], 2)}

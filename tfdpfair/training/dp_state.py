@@ -176,7 +176,7 @@ class DPState(keras.layers.Layer):
     def save_own_variables(self, store) -> None:
         """Keras's save path: a pending release fingerprint is stored first."""
         pending = PENDING_BINDING.get(self)
-        if pending is not None:
+        if pending is not None and pending[1] is not None:
             pending[1]()  # release_binding.flush
         super().save_own_variables(store)
 
@@ -191,8 +191,9 @@ class DPState(keras.layers.Layer):
 
 
 PENDING_BINDING: "weakref.WeakKeyDictionary[DPState, tuple]" = weakref.WeakKeyDictionary()
-"""DPState -> (fast fingerprint, flush) while DPModel.fit's last release is fingerprinted only
-by training/release_binding.py's fast pass (the stored digests are then invalid until flush)."""
+"""DPState -> (fast fingerprint, flush or None) inside DPModel.fit (training/release_binding.py):
+with a flush, the last release is fingerprinted only by the fast pass and the stored digests
+are invalid until the flush; with None, the stored digests are current."""
 
 _STATE_OF_MODEL: "weakref.WeakKeyDictionary[keras.Model, DPState]" = weakref.WeakKeyDictionary()
 

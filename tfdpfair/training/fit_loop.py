@@ -6,8 +6,8 @@ with the weights) -> reconcile the restored state (same plan, no rollback of rel
 hosts agree -> a fresh noise seed if the state was restored from storage (restores never replay
 noise) -> the weights must be those the last release left (training/release_binding.py) ->
 epochs of calls {weights checked; call; fingerprint taken; on_train_batch_*; ε in the logs}
--> fingerprint stored -> validation -> ``on_epoch_end`` (checkpoints: the accumulators are always empty here) ->
-``on_train_end``.
+-> validation -> ``on_epoch_end`` (checkpoints: the accumulators are always empty here) ->
+``on_train_end`` (the fingerprint of the last release stored before it).
 
 Callbacks see ``nonprivate_*`` statistics only if they display or record them
 (training/callback_logs.py); every other callback gets the public logs.
@@ -94,14 +94,13 @@ def run_fit(dp_model, loop: DPStepLoop, plan: PrivacyPlan, data: input_pipeline.
             logs = _run_epoch(dp_model, loop, callback_list, iterator, epoch, step, epoch_end,
                               per_call, eps_log)
             step = state.steps_done
-            release_binding.flush(dp_model)  # the stored fingerprint, before checkpoints
             if validation_data is not None and (epoch + 1) % validation_freq == 0:
                 logs.update(_validate(dp_model, validation_data))
             logs.update(epsilon=eps_log.epsilon(step, force=True), logical_steps=step)
             callback_list.on_epoch_end(epoch, logs)
             if dp_model.stop_training or step >= plan.steps:
                 break
-    finally:
+    finally:  # Keras saves inside the loop flush themselves (DPState.save_own_variables)
         release_binding.flush(dp_model)
     callback_list.on_train_end(logs)
     return dp_model.history

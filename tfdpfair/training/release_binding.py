@@ -14,18 +14,21 @@ a mismatch is refused with the names of the changed variables. Before the first 
 fingerprint is then simply taken again.
 
 Cost inside DPModel.fit (issue 23): the BLAKE2b pass (~0.45 GB/s on a loaded core, plus one
-readback per variable: 25 ms for MobileNetV2, 260 ms for ResNet50) is not paid twice per step.
-After each compiled call the loop only takes a *pending* fingerprint (:func:`mark_released`:
-one compiled FarmHash64 pass over the serialized weights, ~2 GB/s, ~5 ms / ~50 ms) and the
-stored digests are set to an invalid value (-1); before the next call the same pass is
-compared with it (:func:`check_unchanged`). The BLAKE2b digests are computed from the pending
-state (:func:`flush`) whenever the stored fingerprint can be read: before every :func:`verify`
-(fit's start, every export), before every Keras save of the DP state
-(``DPState.save_own_variables``: save_weights, ModelCheckpoint, BackupAndRestore, our
-checkpoints), before ``on_epoch_end`` and when fit returns. A variable whose pending
-fingerprint no longer matches at a flush keeps -1, which no digest equals, so the change is
-refused at the next fit call or export. A state saved by a path that bypasses Keras saving
-while a fingerprint is pending holds -1 and is refused when restored (fails closed).
+readback per variable: 25 ms for MobileNetV2, 260 ms for ResNet50) is not paid per step.
+After each compiled call the loop takes a *pending* fingerprint (:func:`mark_released`: one
+compiled FarmHash64 pass over the serialized variables, ~2 GB/s: ~5 ms / ~50 ms) and sets the
+stored digests to an invalid value (:data:`STALE`); before the next call the same pass is
+compared with it (:func:`check_unchanged`), which refuses any change a callback made in between.
+FarmHash is not collision resistant; it guards the steps of one fit() against edits by
+callbacks, while every check that outlives the call (exports, the next fit(), a restored
+state) compares BLAKE2b digests. Those are computed (:func:`flush`) only where the stored
+fingerprint can be read: before every :func:`verify` (fit's start, every export), before
+every Keras save of the DP state (``DPState.save_own_variables``: save/save_weights,
+ModelCheckpoint, BackupAndRestore, training/checkpoint.py) and when fit returns or fails. A
+variable whose fast fingerprint no longer matches at a flush keeps STALE, which no digest
+equals, so the change is refused at the next fit call or export. A DP state saved mid-fit by
+a path that bypasses Keras saving (a tf.train.Checkpoint or get_weights in a callback) holds
+STALE and is refused when restored: it fails closed. The custom-loop API records at once.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ def verify(dp_model, what: str) -> None:
         record(dp_model)
         return
     flush(dp_model)
+    PENDING_BINDING.pop(state, None)  # the stored digests decide; the next fast check restarts
     weights = dp_model.inner.weights
     _check_count(state, weights)
     stored = np.asarray(state.weight_digests.numpy())
@@ -130,7 +134,8 @@ def mark_released(dp_model) -> None:
 
 def check_unchanged(dp_model, what: str) -> None:
     """Before the next compiled call: the weights and averages must still be those the last
-    call's releases left (pending fingerprint); without a pending one, :func:`verify`."""
+    call's releases left (the fast fingerprint of the last call or flush); without one,
+    :func:`verify`."""
     pending = PENDING_BINDING.get(dp_model.dp_state)
     if pending is None:
         verify(dp_model, what)
@@ -146,17 +151,23 @@ def check_unchanged(dp_model, what: str) -> None:
 
 def flush(dp_model) -> None:
     """Stores the BLAKE2b fingerprint of a pending release (see module docstring); variables
-    changed since the release keep :data:`STALE`, so the change stays detectable."""
+    changed since the release keep :data:`STALE`, so the change stays detectable. Afterwards
+    the fast fingerprint is kept for :func:`check_unchanged` (the stored one is current)."""
     state = dp_model.dp_state
-    pending = PENDING_BINDING.pop(state, None)
-    if pending is None:
+    pending = PENDING_BINDING.get(state)
+    if pending is None or pending[1] is None:
         return
-    same = _fast_digests(dp_model) == pending[0]
+    fast = _fast_digests(dp_model)
+    same = fast == pending[0]
     weights, averages = dp_model.inner.weights, _averages_variables(dp_model)
     values = np.where(same[:len(weights)], digests(weights), STALE)
     state.weight_digests.assign(values if len(values) else np.zeros([1], np.int64))
     state.averages_digest.assign(combined_digest(averages) if same[len(weights):].all()
                                  else STALE)
+    if same.all():
+        PENDING_BINDING[state] = (fast, None)
+    else:
+        PENDING_BINDING.pop(state, None)
 
 
 def _fast_digests(dp_model) -> np.ndarray:
