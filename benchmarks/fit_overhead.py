@@ -12,7 +12,9 @@ timed by wrapping it, so the phases of one step add up to its wall time:
   ``mark_released`` per step and ``flush`` per epoch (``verify`` then runs once per fit);
 * ``epsilon``: the ε shown in the per-step logs (EpsilonLog);
 * ``callbacks``: on_train_batch_begin/end of the callback list (progress bar off);
-* ``step``: wall time of one whole loop iteration (StepTimer-like: batch begin -> batch end).
+* ``step``: wall time of one whole loop iteration (StepTimer-like: batch begin -> batch end);
+* ``release_*``: after fit, parts of the release compiled alone: the noise draw, the
+  accumulator's replica_update (sums read + noise + reset), and that plus optimizer.apply.
 
 Plus, in the same process: the compiled micro-batch step alone (benchmarks/clipping_methods.py
 ``make_step``, "ghost"). One JSON line per (model, phase): median seconds over the steps after
@@ -101,18 +103,59 @@ def run(name: str, steps: int, repeats: int) -> list[dict]:
     for key, fn in originals.items():
         setattr(*key, fn)
     dp_model_lib.DPModel._loop = original_loop
+    parts = release_parts(dp, repeats)  # after fit: these change the (benchmark's) weights
 
     common = {"code": os.path.dirname(os.path.dirname(tfdpfair.__file__)), "model": name, "batch": BATCH, "sampling_rate": 1.0, "steps": steps,
               "params": int(model.count_params()), "weight_variables": len(model.weights),
               "cpu": cpu_model(), "threads": os.cpu_count(),
               "load_avg_1min": round(os.getloadavg()[0], 2)}
     lines = [{**common, "phase": "microbatch_ghost_alone", "s": micro["step_s"]}]
+    lines += [{**common, "phase": label, "s": value} for label, value in parts.items()]
     for label, times in table.items():
         # verify runs once before the loop too (continue_from_state): skip the set-up calls.
         per_step = times[-(steps - 1):] if len(times) >= steps else times
         lines.append({**common, "phase": label, "s": round(statistics.median(per_step), 4),
                       "calls": len(times)})
     return lines
+
+
+def release_parts(dp, repeats: int) -> dict[str, float]:
+    """Median seconds of the release's parts, each compiled alone as in the loop: the noise
+    draw (one stateless normal per variable), the accumulator's read + noise + reset
+    (replica_update) and the optimizer's apply of the update."""
+    import tensorflow as tf
+
+    from tfdpfair.privacy import noise as noise_lib
+
+    loop = dp._runtime["loop"]
+    acc = loop.accumulator
+
+    # The step is an argument: with constant seeds grappler would fold the noise into a
+    # constant once, and later calls would not draw at all.
+    @tf.function
+    def draw(step):
+        return noise_lib.gaussian_noise_like(acc.grad_sums, acc.noise_stddev,
+                                             noise_lib.step_seed(7, step))
+
+    @tf.function
+    def update(step):
+        return acc.replica_update(7, step)
+
+    @tf.function
+    def update_and_apply(step):
+        loop.optimizer.apply(acc.replica_update(7, step), loop.variables)
+        return tf.constant(0)
+
+    def timed(fn):
+        times = []
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            tf.nest.map_structure(lambda t: t.numpy(), fn(tf.constant(i, tf.int64)))
+            times.append(time.perf_counter() - start)
+        return round(statistics.median(times[1:]), 4)  # the first call traces
+
+    return {"release_noise_only": timed(draw), "release_replica_update": timed(update),
+            "release_update_and_apply": timed(update_and_apply)}
 
 
 def main() -> None:
