@@ -199,3 +199,20 @@ def test_an_edit_after_the_last_step_is_refused_at_export(tmp_path):
 def test_fit_returns_with_the_fingerprint_stored():
     dp = trained(steps=3)
     assert dp.dp_state.weight_digests.numpy().tolist() == blake2b_digests(dp.inner.weights)
+
+
+class SnapshotAtStep(keras.callbacks.Callback):
+    """Keeps get_weights() of step 2, as EarlyStopping(restore_best_weights=True) does."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.logical_steps_done == 2:
+            self.snapshot = self.model.get_weights()
+
+
+def test_a_get_weights_snapshot_taken_mid_fit_still_exports(tmp_path):
+    snapshot = SnapshotAtStep()
+    dp = trained(steps=4, callbacks=[snapshot])
+    dp.set_weights(snapshot.snapshot)  # the weights and DP state of release 2
+    assert dp.logical_steps_done == 2
+    assert dp.dp_state.weight_digests.numpy().tolist() == blake2b_digests(dp.inner.weights)
+    dp.export_release(tmp_path / "release")

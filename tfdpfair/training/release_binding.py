@@ -24,10 +24,11 @@ callbacks, while every check that outlives the call (exports, the next fit(), a 
 state) compares BLAKE2b digests. Those are computed (:func:`flush`) only where the stored
 fingerprint can be read: before every :func:`verify` (fit's start, every export), before
 every Keras save of the DP state (``DPState.save_own_variables``: save/save_weights,
-ModelCheckpoint, BackupAndRestore, training/checkpoint.py) and when fit returns or fails. A
+ModelCheckpoint, BackupAndRestore, training/checkpoint.py), before ``DPModel.get_weights``
+(EarlyStopping's snapshots) and when fit returns or fails. A
 variable whose fast fingerprint no longer matches at a flush keeps STALE, which no digest
 equals, so the change is refused at the next fit call or export. A DP state saved mid-fit by
-a path that bypasses Keras saving (a tf.train.Checkpoint or get_weights in a callback) holds
+a path that bypasses both (a tf.train.Checkpoint, or reading the variables directly) holds
 STALE and is refused when restored: it fails closed. The custom-loop API records at once.
 """
 
