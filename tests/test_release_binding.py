@@ -134,3 +134,85 @@ def test_serving_export_of_a_plain_model_needs_the_fingerprint_of_its_weights(tm
         export_lib.export_serving(served, tmp_path / "serving3", config,
                                   {k: v for k, v in record.items()
                                    if k != "weights_fingerprint"})
+
+
+# ---- the fingerprint DPModel.fit takes per step is stored lazily (issue 23) ----------------
+
+def blake2b_digests(weights) -> list[int]:
+    """Independent digests: BLAKE2b-64 of dtype, shape and bytes, top bit cleared."""
+    import hashlib
+    out = []
+    for w in weights:
+        a = np.ascontiguousarray(w.numpy())
+        h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode() + a.tobytes(), digest_size=8)
+        out.append(int.from_bytes(h.digest(), "little") & ((1 << 63) - 1))
+    return out
+
+
+class SaveAtStep(keras.callbacks.Callback):
+    """Saves the whole DPModel mid-epoch, after editing head/kernel if ``edit``."""
+
+    def __init__(self, path, edit):
+        super().__init__()
+        self.path, self.edit = path, edit
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.logical_steps_done == 2:
+            if self.edit:
+                head = self.model.inner.get_layer("head")
+                head.kernel.assign(head.kernel * 2.0)
+            self.model.save(self.path)
+            self.model.stop_training = True
+
+
+def test_a_mid_fit_save_holds_the_fingerprint_of_the_released_weights(tmp_path):
+    trained(steps=4, callbacks=[SaveAtStep(tmp_path / "mid.keras", edit=False)])
+    loaded = keras.models.load_model(tmp_path / "mid.keras")
+    assert loaded.logical_steps_done == 2
+    stored = loaded.dp_state.weight_digests.numpy().tolist()
+    assert stored == blake2b_digests(loaded.inner.weights)
+    loaded.export_release(tmp_path / "release")
+
+
+def test_an_edit_saved_mid_fit_is_refused_after_loading(tmp_path):
+    trained(steps=4, callbacks=[SaveAtStep(tmp_path / "mid.keras", edit=True)])
+    loaded = keras.models.load_model(tmp_path / "mid.keras")
+    with pytest.raises(ReleaseBindingError, match=r"1 weight variable.*head/kernel"):
+        loaded.export_release(tmp_path / "release")
+
+
+class AssignAtLastStep(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.logical_steps_done == 4:  # no next step checks it inside fit
+            head = self.model.inner.get_layer("head")
+            head.bias.assign(head.bias + 0.5)
+
+
+def test_an_edit_after_the_last_step_is_refused_at_export(tmp_path):
+    dp = trained(steps=4, callbacks=[AssignAtLastStep()])
+    with pytest.raises(ReleaseBindingError, match=r"1 weight variable.*head/bias"):
+        dp.export_release(tmp_path / "release")
+    with pytest.raises(ReleaseBindingError, match="head/bias"):
+        dp.fit(*toy(), verbose=0)
+
+
+def test_fit_returns_with_the_fingerprint_stored():
+    dp = trained(steps=3)
+    assert dp.dp_state.weight_digests.numpy().tolist() == blake2b_digests(dp.inner.weights)
+
+
+class SnapshotAtStep(keras.callbacks.Callback):
+    """Keeps get_weights() of step 2, as EarlyStopping(restore_best_weights=True) does."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.logical_steps_done == 2:
+            self.snapshot = self.model.get_weights()
+
+
+def test_a_get_weights_snapshot_taken_mid_fit_still_exports(tmp_path):
+    snapshot = SnapshotAtStep()
+    dp = trained(steps=4, callbacks=[snapshot])
+    dp.set_weights(snapshot.snapshot)  # the weights and DP state of release 2
+    assert dp.logical_steps_done == 2
+    assert dp.dp_state.weight_digests.numpy().tolist() == blake2b_digests(dp.inner.weights)
+    dp.export_release(tmp_path / "release")

@@ -300,6 +300,12 @@ class DPModel(keras.Model):
     def make_train_function(self, force=False):
         self.train_step(None)
 
+    def get_weights(self):
+        """Like keras.Model.get_weights; a snapshot taken inside fit (EarlyStopping's
+        restore_best_weights) holds the release fingerprint, not the pending invalid one."""
+        release_binding.flush(self)
+        return super().get_weights()
+
     def train_on_batch(self, *args, **kwargs):
         self.train_step(None)
 

@@ -173,14 +173,27 @@ class DPState(keras.layers.Layer):
         self.seed_values.assign(values)
         self.mark_own()
 
+    def save_own_variables(self, store) -> None:
+        """Keras's save path: a pending release fingerprint is stored first."""
+        pending = PENDING_BINDING.get(self)
+        if pending is not None and pending[1] is not None:
+            pending[1]()  # release_binding.flush
+        super().save_own_variables(store)
+
     def load_own_variables(self, store) -> None:
         """Keras's load path (``load_weights``, ``load_model``, BackupAndRestore)."""
         super().load_own_variables(store)
+        PENDING_BINDING.pop(self, None)  # the loaded fingerprint describes the loaded weights
         self._own_snapshot = None
 
     def get_config(self) -> dict:
         return {**super().get_config(), "num_weights": self.num_weights}
 
+
+PENDING_BINDING: "weakref.WeakKeyDictionary[DPState, tuple]" = weakref.WeakKeyDictionary()
+"""DPState -> (fast fingerprint, flush or None) inside DPModel.fit (training/release_binding.py):
+with a flush, the last release is fingerprinted only by the fast pass and the stored digests
+are invalid until the flush; with None, the stored digests are current."""
 
 _STATE_OF_MODEL: "weakref.WeakKeyDictionary[keras.Model, DPState]" = weakref.WeakKeyDictionary()
 

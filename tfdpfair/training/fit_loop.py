@@ -5,9 +5,9 @@ set-up (plan fixed, loop built) -> ``on_train_begin`` (BackupAndRestore may rest
 with the weights) -> reconcile the restored state (same plan, no rollback of released steps) ->
 hosts agree -> a fresh noise seed if the state was restored from storage (restores never replay
 noise) -> the weights must be those the last release left (training/release_binding.py) ->
-epochs of calls {weights checked; call; fingerprint recorded; on_train_batch_*; ε in the logs}
+epochs of calls {weights checked; call; fingerprint taken; on_train_batch_*; ε in the logs}
 -> validation -> ``on_epoch_end`` (checkpoints: the accumulators are always empty here) ->
-``on_train_end``.
+``on_train_end`` (the fingerprint of the last release stored before it).
 
 Callbacks see ``nonprivate_*`` statistics only if they display or record them
 (training/callback_logs.py); every other callback gets the public logs.
@@ -88,17 +88,20 @@ def run_fit(dp_model, loop: DPStepLoop, plan: PrivacyPlan, data: input_pipeline.
         end_step=plan.steps, trim_multiple=loop.config.trim_multiple)))
     loop.drop_partial_step()  # of a failed call
     eps_log, logs, step = EpsilonLog(plan), {}, start
-    for epoch in range(start // steps_per_epoch, num_epochs):
-        epoch_end = min(plan.steps, (epoch + 1) * steps_per_epoch)
-        logs = _run_epoch(dp_model, loop, callback_list, iterator, epoch, step, epoch_end,
-                          per_call, eps_log)
-        step = state.steps_done
-        if validation_data is not None and (epoch + 1) % validation_freq == 0:
-            logs.update(_validate(dp_model, validation_data))
-        logs.update(epsilon=eps_log.epsilon(step, force=True), logical_steps=step)
-        callback_list.on_epoch_end(epoch, logs)
-        if dp_model.stop_training or step >= plan.steps:
-            break
+    try:
+        for epoch in range(start // steps_per_epoch, num_epochs):
+            epoch_end = min(plan.steps, (epoch + 1) * steps_per_epoch)
+            logs = _run_epoch(dp_model, loop, callback_list, iterator, epoch, step, epoch_end,
+                              per_call, eps_log)
+            step = state.steps_done
+            if validation_data is not None and (epoch + 1) % validation_freq == 0:
+                logs.update(_validate(dp_model, validation_data))
+            logs.update(epsilon=eps_log.epsilon(step, force=True), logical_steps=step)
+            callback_list.on_epoch_end(epoch, logs)
+            if dp_model.stop_training or step >= plan.steps:
+                break
+    finally:  # Keras saves inside the loop flush themselves (DPState.save_own_variables)
+        release_binding.flush(dp_model)
     callback_list.on_train_end(logs)
     return dp_model.history
 
@@ -157,7 +160,7 @@ def _run_epoch(dp_model, loop, callback_list, iterator, epoch, step, epoch_end, 
     while step < epoch_end and not dp_model.stop_training:
         count = min(per_call, epoch_end - step)
         callback_list.on_train_batch_begin(batch)
-        release_binding.verify(dp_model, "the next DP step")
+        release_binding.check_unchanged(dp_model, "the next DP step")
         values = _call(dp_model, loop, iterator, step, count)
         state.note_released()
         step = state.steps_done
@@ -171,30 +174,34 @@ def _run_epoch(dp_model, loop, callback_list, iterator, epoch, step, epoch_end, 
 def _call(dp_model, loop: DPStepLoop, iterator, step: int, count: int) -> dict:
     """One compiled call of ``count`` logical steps (see :func:`guarded_call`)."""
     return guarded_call(dp_model, loop, lambda: loop.train_call(
-        iterator, tf.constant(step, tf.int64), tf.constant(count, tf.int64)))
+        iterator, tf.constant(step, tf.int64), tf.constant(count, tf.int64)), pending=True)
 
 
-def guarded_call(dp_model, loop: DPStepLoop, call: Callable[[], Any]) -> Any:
+def guarded_call(dp_model, loop: DPStepLoop, call: Callable[[], Any],
+                 pending: bool = False) -> Any:
     """Runs ``call`` (compiled DP steps); TensorFlow's own error text is withheld (it may echo
     private values). Shared by fit and the custom-loop API (training/custom_loop.py).
 
     An in-graph refusal of ours (message starting "tfdpfair:") becomes a DPUsageError. A step
     that fails after touching data is counted (invariant 3): the failure itself can depend on
     which examples were sampled, so it is treated as a released step. The weights' fingerprint
-    is recorded after the call either way (they are what the releases left).
+    is recorded after the call either way (they are what the releases left): stored at once,
+    or with ``pending`` (fit, which flushes it) as a fast pending fingerprint
+    (release_binding.mark_released).
     """
+    bind = release_binding.mark_released if pending else release_binding.record
     try:
         values = call()
-        release_binding.record(dp_model)
+        bind(dp_model)
         return values
     except tf.errors.OpError as error:
         message = error.message or ""
         if ERROR_PREFIX in message:  # refused before its step; earlier releases of the call
-            release_binding.record(dp_model)  # stand, and their weights are bound
+            bind(dp_model)  # stand, and their weights are bound
             ours = message[message.index(ERROR_PREFIX):].splitlines()[0]
             raise guards.DPUsageError(ours) from None
         _count_failed_step(loop)
-        release_binding.record(dp_model)
+        bind(dp_model)
         op = getattr(error.op, "type", None) if error.op is not None else None
         in_input = op in _INPUT_OPS or any(m in message for m in _INPUT_MARKERS)
         raise RuntimeError(
