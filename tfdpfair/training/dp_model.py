@@ -396,7 +396,7 @@ class DPModel(keras.Model):
         cfg = self.dp_config
         accumulator = DPGradientAccumulator(variables, cfg.l2_norm_clip, plan.noise_multiplier,
                                             cfg.expected_batch_size, cfg.rescale_to_unit_norm)
-        clipping = self._clipping_method(data)
+        clipping = self._clipping_method()
         patient = data.patients is not None
         batch_loss = (example_loss.batch_patient_loss_fn if patient
                       else ghost_clipping.batch_example_loss_fn)
@@ -443,7 +443,7 @@ class DPModel(keras.Model):
                   cost.microbatches, 100.0 * cost.padded_share)
         return multiple
 
-    def _clipping_method(self, data) -> str:
+    def _clipping_method(self) -> str:
         """"vectorized" or "ghost" for DPConfig.clipping (see its docstring); logs the choice
         and, for "auto", the variables without a ghost rule (per-example fallback)."""
         requested = self.dp_config.clipping
