@@ -96,10 +96,12 @@ def test_expected_padding_is_exact_at_q_1_and_matches_a_simulation():
     (ws_gn_net, (6, 6, 4), "vectorized"), (ws_gn_net, (6, 6, 4), "ghost"),
     pytest.param(nfnet_nano, (8, 8, 3), "ghost", marks=pytest.mark.slow)])  # ≈ 30 s
 def test_clipping_with_an_unknown_batch_size_matches_brute_force(make_model, shape, method):
-    """Traced once with batch dimension None and run at 5 rows (one of them padding), as the
-    trimmed last micro-batch is: the clipped sum of the per-example loop."""
+    """Traced once with batch dimension None and run at 5 rows (one of them padding, one a
+    sampled example with a NaN pixel), as the trimmed last micro-batch is: the clipped sum of
+    the per-example loop, where the NaN example contributes exactly zero."""
     model = make_model()
     x, y = data(shape, n=5)
+    x[2, 0, 0, 0] = np.nan
     mask = np.array([1, 1, 1, 0, 1], np.float32)
     spec = [tf.TensorSpec((None,) + shape), tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([None])]
