@@ -27,6 +27,10 @@ peak - baseline over the cases (the training set itself, ``dataset_mib``, is the
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import argparse
 import json
 import os

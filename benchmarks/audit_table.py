@@ -22,6 +22,10 @@ The canaries count in N (N + m units). Prints one JSON line per case.
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import argparse
 import json
 import os

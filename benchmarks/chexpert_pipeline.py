@@ -12,6 +12,10 @@ Usage: python benchmarks/chexpert_pipeline.py [--num_images 300 --image_size 224
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import argparse
 import json
 import os

@@ -29,6 +29,10 @@ alone would exceed --max-vectorized-gb is skipped (reported as such).
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import argparse
 import json
 import os

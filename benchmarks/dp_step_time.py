@@ -15,6 +15,10 @@ warm-up. The ratio compares time per *expected* example (mean DP step / non-priv
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import argparse
 import json
 import os

@@ -26,6 +26,10 @@ the first, with the CPU model and the 1-minute load average.
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import argparse
 import json
 import os

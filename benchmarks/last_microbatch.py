@@ -12,6 +12,10 @@ Clipping only (no noise/update): the part whose cost depends on the rows.
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import argparse
 import json
 import os

@@ -25,6 +25,10 @@ TPUStrategy (TPUClusterResolver(NAME), e.g. ``local`` on a TPU VM), where XLA is
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import argparse
 import json
 import os

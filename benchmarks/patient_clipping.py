@@ -17,6 +17,10 @@ includes about 0.7 GB of TF runtime and data; the ratios also compare the increa
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import argparse
 import json
 import os

@@ -28,6 +28,10 @@ as B/m micro-batches of m: per-example gradients, clipping, accumulation, noise,
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import argparse
 import json
 import os

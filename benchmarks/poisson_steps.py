@@ -12,6 +12,10 @@ benchmark on synthetic data may know it; a real run must not print it.
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import os
 import statistics
 
@@ -28,7 +32,8 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu_model": model, "cpu_count": os.cpu_count(),
-            "load_avg_1min": round(os.getloadavg()[0], 2)}
+            "load_avg_1min": round(os.getloadavg()[0], 2),
+            "onednn": tfdpfair.tf_cpu.onednn_setting()}
 
 
 def training_set(x: np.ndarray, y: np.ndarray, batch: int, q1: bool, factor: int = 10):

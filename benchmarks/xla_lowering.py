@@ -16,6 +16,10 @@ direct) × ghost_linear.NATIVE_WEIGHTED_SUM (on/off).
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import argparse
 import collections
 import json

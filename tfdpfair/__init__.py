@@ -24,6 +24,7 @@ _LAZY = {
     "plan_dp_sgd": "tfdpfair.privacy.accounting",
     "compute_epsilon": "tfdpfair.privacy.accounting",
     "calibrate_noise_multiplier": "tfdpfair.privacy.accounting",
+    "prefer_onednn": "tfdpfair.tf_cpu",
 }
 
 __all__ = sorted(_LAZY)

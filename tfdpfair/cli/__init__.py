@@ -8,3 +8,9 @@
 In a clone, ``python -m experiments.<name>`` runs the same binaries (experiments/ holds only
 these entry points; nothing in tfdpfair imports it).
 """
+
+from tfdpfair import tf_cpu as _tf_cpu
+
+# Before any binary imports TensorFlow: its oneDNN CPU kernels (tfdpfair/tf_cpu.py), unless the
+# user set TF_ENABLE_ONEDNN_OPTS.
+ONEDNN = _tf_cpu.prefer_onednn()
