@@ -11,6 +11,11 @@ process):
   keep_per_example  direct-mode weighted sums from the kept per-example gradients and the
                     ghost-mode ones from im2col patches (the behaviour before this benchmark:
                     ghost_linear.NATIVE_WEIGHTED_SUM = False);
+  keep_none, keep_all  ghost_linear.KEEP_PER_EXAMPLE_BYTES = 0 / unbounded (default 128 MB):
+                    which direct-mode layers keep their per-example gradients for the sum;
+  native_any_t      ghost_linear.NATIVE_MIN_POSITIONS = 0 (default 256): the native
+                    per-example kernel gradient for every direct conv, whatever its T;
+  keep_all_native_any_t  both of the above;
   chunk4, chunk64   ghost_linear.CHUNK_BYTES = 4 MB / 64 MB (default 16 MB);
   native12          ghost_linear.NATIVE_CHUNK_BYTES = 12 MB (default 3 MB; only where the
                     native per-example kernel gradient runs, see native_grouped_backprop).
@@ -32,6 +37,10 @@ XLA, ``--policy mixed_bfloat16`` computes in bf16.
 
 from __future__ import annotations
 
+import tfdpfair.tf_cpu
+
+tfdpfair.tf_cpu.prefer_onednn()  # before TensorFlow: docs/benchmarks.md, "oneDNN"
+
 import argparse
 import collections
 import json
@@ -50,6 +59,10 @@ VARIANTS = {  # name -> ghost_linear settings
     "chunk4": {"CHUNK_BYTES": 4 << 20},
     "chunk64": {"CHUNK_BYTES": 64 << 20},
     "native12": {"NATIVE_CHUNK_BYTES": 12 << 20},
+    "keep_none": {"KEEP_PER_EXAMPLE_BYTES": 0},
+    "keep_all": {"KEEP_PER_EXAMPLE_BYTES": 1 << 40},
+    "native_any_t": {"NATIVE_MIN_POSITIONS": 0},
+    "keep_all_native_any_t": {"KEEP_PER_EXAMPLE_BYTES": 1 << 40, "NATIVE_MIN_POSITIONS": 0},
 }
 DEFAULT_VARIANTS = ["nonprivate", "ghost", "keep_per_example", "chunk4", "chunk64"]
 PHASES = ("capture", "small", "norms", "full")
@@ -68,7 +81,8 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "nproc": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+    return {"cpu": cpu, "nproc": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
+            "onednn": tfdpfair.tf_cpu.onednn_setting()}
 
 
 def peak_rss_mb() -> float:

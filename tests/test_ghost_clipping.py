@@ -133,11 +133,22 @@ CASES = [(mlp, (6,)), (sequence_net, (5, 6)), (grouped_conv_net, (7, 7, 4)),
          (ws_gn_net, (6, 6, 4))]
 
 
-@pytest.fixture(params=["whole_batch", "one_example_chunks"])
+@pytest.fixture(params=["whole_batch", "native", "one_example_chunks"])
 def chunking(request, monkeypatch):
-    """Per-example products over the whole batch at once, with the convs' clipped sums by one
-    batched native kernel gradient (the defaults); or one example per chunk, with the sums
-    from the kept per-example gradients / im2col patches (NATIVE_WEIGHTED_SUM off)."""
+    """How the per-example products and the clipped sums are formed:
+
+    * whole_batch: the defaults (these small layers: im2col patches over the whole batch, the
+      direct-mode sums from the kept per-example gradients, the ghost-mode ones by one batched
+      native kernel gradient);
+    * native: the native per-example kernel gradients whatever T is (where this TF has a
+      grouped Conv2DBackpropFilter, e.g. with oneDNN), nothing kept, every conv sum native;
+    * one_example_chunks: one example per chunk, native per-example gradients kept for the
+      sums, the ghost-mode sums from im2col patches (NATIVE_WEIGHTED_SUM off).
+    """
+    if request.param in ("native", "one_example_chunks"):
+        monkeypatch.setattr(ghost_linear, "NATIVE_MIN_POSITIONS", 0)
+    if request.param == "native":
+        monkeypatch.setattr(ghost_linear, "KEEP_PER_EXAMPLE_BYTES", 0)
     if request.param == "one_example_chunks":
         monkeypatch.setattr(ghost_linear, "CHUNK_BYTES", 1)
         monkeypatch.setattr(ghost_linear, "NATIVE_CHUNK_BYTES", 1)

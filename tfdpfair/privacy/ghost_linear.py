@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import os
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from tfdpfair import tf_cpu
 from tfdpfair.models.layers import extract_patches
 
 GHOST, DIRECT, AUTO = "ghost", "direct", "auto"
@@ -86,6 +89,24 @@ kept direct-mode per-example gradients (memory B·P·O per layer, held until the
 are known) or, in ghost mode, from im2col patches. WRN-16-4, B = 128, on a 2-core CPU without
 oneDNN: 19% faster than the kept-gradient path in the same run; peak RSS within noise
 (benchmarks/ghost_memory.py, docs/benchmarks.md "Where the memory goes")."""
+
+
+KEEP_PER_EXAMPLE_BYTES = 128 << 20
+"""A direct-mode layer whose per-example gradients of the whole micro-batch (B·G·P·O float32)
+fit in this many bytes keeps them from its norm to its clipped sum, which is then one
+tensordot Σ_i c_i G_i instead of a second (batched native) kernel gradient; larger layers use
+``weighted_native`` (NATIVE_WEIGHTED_SUM). WRN-16-4, B = 128 (every direct layer ≤ 75 MB),
+oneDNN, 2-core AMD EPYC, one run of benchmarks/ghost_memory.py: keeping all 2.99 s against
+3.24 s with a 32 MB budget and 3.43 s (another run) keeping none; peak RSS within ±0.1 GB,
+since the step's peak lies in the backward pass (docs/benchmarks.md, "oneDNN")."""
+
+
+NATIVE_MIN_POSITIONS = 256
+"""The native per-example kernel gradient (:func:`conv_per_example_gradients`) is used only
+for layers with at least this many positions T per example; below it im2col patches and a
+batched matmul were faster (oneDNN, 2-core AMD EPYC, one [128, T, C] → C 3×3 layer: T = 1024
+native 0.095 s vs patches 0.106 s; T = 64 0.214 vs 0.098 s). At T = 256 the layer alone
+favoured patches (0.123 vs 0.093 s) but the whole WRN-16-4 step did not (2.92 vs 2.99 s)."""
 
 
 @dataclasses.dataclass
@@ -174,8 +195,10 @@ class LinearPiece:
             A, D = self.A, self.D  # rank-2 Dense: ‖a_i‖²·‖δ_i‖² per group
             return tf.reduce_sum(tf.reduce_sum(A * A, -1) * tf.reduce_sum(D * D, -1), [1, 2])
         direct = self.resolved_mode() == DIRECT
-        native = direct and self.per_example is not None
-        keep = direct and not self.native_sum()  # per-example gradients needed for the sum
+        positions = self.dims()[0]
+        native = (direct and self.per_example is not None and positions is not None
+                  and positions >= NATIVE_MIN_POSITIONS)
+        keep = direct and (not self.native_sum() or self.kept_bytes() <= KEEP_PER_EXAMPLE_BYTES)
         self._per_example = [] if keep else None
         parts, deps = [], list(after)
         for i0, i1 in self.chunks(native):
@@ -196,6 +219,14 @@ class LinearPiece:
             deps = [sq]
         sq = parts[0] if len(parts) == 1 else tf.concat(parts, 0)
         return sq if self.ws is None else self._standardisation_correction(sq)
+
+    def kept_bytes(self) -> float:
+        """Bytes of the whole batch's direct-mode per-example gradients (inf if B is unknown)."""
+        batch = self.D.shape[0]
+        if batch is None:
+            return float("inf")
+        _, p, o = self.dims()
+        return 4.0 * batch * int(self.D.shape[2]) * p * o
 
     def native_sum(self) -> bool:
         """Whether ``weighted_sum`` uses ``weighted_native`` (see NATIVE_WEIGHTED_SUM)."""
@@ -225,14 +256,14 @@ class LinearPiece:
                      after: Sequence[tf.Tensor] = ()) -> tf.Tensor:
         """Σ_i factors_i · G_i as [G, P, O]; rows with keep = False contribute exactly 0."""
         h, deps = None, list(after)
-        if self.native_sum():
-            with tf.control_dependencies(deps):
-                h = self._scaled(self.weighted_native(factors, keep))
-        elif self._per_example is not None:
+        if self._per_example is not None:  # direct mode kept them (KEEP_PER_EXAMPLE_BYTES)
             for i0, i1, g in self._per_example:
                 f, k = (factors, keep) if i0 is None else (factors[i0:i1], keep[i0:i1])
                 part = tf.tensordot(f, zero_rows(g, k), axes=[[0], [0]])
                 h = part if h is None else h + part
+        elif self.native_sum():
+            with tf.control_dependencies(deps):
+                h = self._scaled(self.weighted_native(factors, keep))
         else:
             for i0, i1 in self.chunks():
                 with tf.control_dependencies(deps):
@@ -331,6 +362,12 @@ def native_grouped_backprop_supported() -> bool:
                 out_backprop=tf.ones([1, 2, 2, 2]), strides=[1, 1, 1, 1], padding="VALID")
             return bool(np.allclose(out.numpy().ravel(), [4.0, 4.0]))
     except (tf.errors.OpError, ValueError):
+        if os.environ.get(tf_cpu.ONEDNN_ENV) is None:
+            logging.getLogger("tfdpfair").warning(
+                "TensorFlow's oneDNN CPU kernels are off on this CPU, so ghost clipping forms "
+                "im2col patches for per-example conv gradients. Set %s=1 before importing "
+                "TensorFlow (or call tfdpfair.prefer_onednn() first) for faster steps: "
+                "docs/benchmarks.md, 'oneDNN'.", tf_cpu.ONEDNN_ENV)
         return False
 
 
