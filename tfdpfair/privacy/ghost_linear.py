@@ -101,12 +101,12 @@ oneDNN, 2-core AMD EPYC, one run of benchmarks/ghost_memory.py: keeping all 2.99
 since the step's peak lies in the backward pass (docs/benchmarks.md, "oneDNN")."""
 
 
-NATIVE_MIN_POSITIONS = 256
+NATIVE_MIN_POSITIONS = 512
 """The native per-example kernel gradient (:func:`conv_per_example_gradients`) is used only
 for layers with at least this many positions T per example; below it im2col patches and a
-batched matmul were faster (oneDNN, 2-core AMD EPYC, one [128, T, C] → C 3×3 layer: T = 1024
-native 0.095 s vs patches 0.106 s; T = 64 0.214 vs 0.098 s). At T = 256 the layer alone
-favoured patches (0.123 vs 0.093 s) but the whole WRN-16-4 step did not (2.92 vs 2.99 s)."""
+batched matmul were faster. benchmarks/conv_kernels.py, oneDNN, 2-core AMD EPYC, a [128, T, C]
+→ C 3×3 layer, all B squared norms: T = 1024 native 0.096 s vs patches 0.094 s; T = 256
+0.117 vs 0.091 s; T = 64 0.219 vs 0.097 s (Gram 0.036 s, which "auto" picks there)."""
 
 
 @dataclasses.dataclass
