@@ -10,7 +10,8 @@ each step holds |S_t| ~ Binomial(N, q) examples in k_t micro-batches, padded as
 noise, update, the host's ε update). The non-private step is Keras ``train_on_batch`` on B
 examples. Times: mean of --repeats logical steps after 2 warm-ups; ratios per *expected*
 example (mean DP step / non-private step on B). ``padded_row_share`` is the share of padding
-rows in the DP steps.
+rows in the DP steps; ``rss_after_step_mb`` the resident set size after each step (warm-ups
+included), to tell the first call's peak from growth over later steps.
 
 ``--q1``: the older mode, one compiled micro-batch step on exactly B examples: the non-private
 step is the gradient of the summed loss; "vectorized" is clipping.clipped_grad_sum
@@ -81,7 +82,7 @@ def run_poisson_case(model_name: str, batch: int, method: str, args) -> dict:
     import numpy as np
 
     keras.mixed_precision.set_global_policy(args.policy)
-    from step_timer import StepTimer
+    from step_timer import StepTimer, current_rss_mb
     from tfdpfair.privacy.dp_sgd import DPConfig
     from tfdpfair.training.dp_model import make_private
 
@@ -98,12 +99,14 @@ def run_poisson_case(model_name: str, batch: int, method: str, args) -> dict:
     warmup = 2
     if method == "nonprivate":
         model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss, jit_compile=args.jit)
-        times = []
+        times, rss = [], []
         for _ in range(warmup + args.repeats):
             start = time.perf_counter()
             model.train_on_batch(x, y)
             times.append(time.perf_counter() - start)
-        line.update(poisson_steps.per_expected_example(times[warmup:], batch))
+            rss.append(round(current_rss_mb()))
+        line.update(poisson_steps.per_expected_example(times[warmup:], batch),
+                    rss_after_step_mb=rss)
     else:
         micro = args.micro_batch or batch
         dp = make_private(model, DPConfig(
@@ -115,7 +118,8 @@ def run_poisson_case(model_name: str, batch: int, method: str, args) -> dict:
         dp.fit(xs, ys, steps=warmup + args.repeats, verbose=0, callbacks=[timer])
         line.update(micro_batch=micro, num_examples=len(xs), sampling_rate=0.1,
                     **poisson_steps.per_expected_example(timer.times[warmup:], batch),
-                    **poisson_steps.padding_of_steps(dp, range(warmup, warmup + args.repeats)))
+                    **poisson_steps.padding_of_steps(dp, range(warmup, warmup + args.repeats)),
+                    rss_after_step_mb=timer.rss_mb)
     line["step_s"] = line["step_s_mean"]
     line.update(peak_rss_mb=round(_rss_mb(), 1), rss_before_step_mb=round(rss_before, 1),
                 **poisson_steps.machine())
