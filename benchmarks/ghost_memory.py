@@ -267,6 +267,19 @@ def run_case(args) -> dict:
     return line
 
 
+def add_accelerator_flags(parser: argparse.ArgumentParser) -> None:
+    """--policy, --device and --jit_compile, as this script and benchmarks/nfnet_f0.py take them."""
+    parser.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16"])
+    parser.add_argument("--device", default="/CPU:0", help="e.g. /GPU:0")
+    parser.add_argument("--jit_compile", action="store_true", help="compile the step with XLA")
+
+
+def accelerator_flags(args: argparse.Namespace) -> list[str]:
+    """Those flags again, for a child process's command line."""
+    return (["--policy", args.policy, "--device", args.device]
+            + (["--jit_compile"] if args.jit_compile else []))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,9 +290,7 @@ def main() -> None:
     parser.add_argument("--phases", nargs="+", default=["full"], choices=PHASES,
                         help="cut the ghost step after these phases (variant 'ghost' only)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16"])
-    parser.add_argument("--device", default="/CPU:0", help="e.g. /GPU:0")
-    parser.add_argument("--jit_compile", action="store_true", help="compile the step with XLA")
+    add_accelerator_flags(parser)
     parser.add_argument("--memray", default="", help="record with memray into FILE.<case>.bin")
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)  # variant phase (child)
     args = parser.parse_args()
@@ -294,9 +305,8 @@ def main() -> None:
     base = None
     for variant, phase in cases:
         command = [sys.executable, __file__, "--case", variant, phase, "--model", args.model,
-                   "--batch", str(args.batch), "--repeats", str(args.repeats), "--policy",
-                   args.policy, "--device", args.device, "--memray", args.memray]
-        command += ["--jit_compile"] if args.jit_compile else []
+                   "--batch", str(args.batch), "--repeats", str(args.repeats), "--memray",
+                   args.memray] + accelerator_flags(args)
         print(f"[ghost_memory] {args.model} B={args.batch} {variant} {phase} ...",
               file=sys.stderr, flush=True)
         out = subprocess.run(command, capture_output=True, text=True, env=env)

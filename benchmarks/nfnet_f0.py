@@ -40,7 +40,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from ghost_memory import machine_info  # noqa: E402  (benchmarks/ is this script's directory)
+# benchmarks/ is this script's directory
+from ghost_memory import accelerator_flags, add_accelerator_flags, machine_info  # noqa: E402
 
 SHAPE = (224, 224, 3)
 NUM_CLASSES = 10
@@ -152,9 +153,7 @@ def main() -> None:
     parser.add_argument("--fit-examples", type=int, default=32, help="N (q = B/N)")
     parser.add_argument("--fit-micro", type=int, default=4)
     parser.add_argument("--fit-steps", type=int, default=2, help="timed logical steps")
-    parser.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16"])
-    parser.add_argument("--device", default="/CPU:0")
-    parser.add_argument("--jit_compile", action="store_true")
+    add_accelerator_flags(parser)
     parser.add_argument("--tpu", default="", help="TPU name for TPUClusterResolver (fit cases)")
     parser.add_argument("--fit-case", nargs=2, help=argparse.SUPPRESS)  # mode method (child)
     args = parser.parse_args()
@@ -162,8 +161,7 @@ def main() -> None:
         print(json.dumps(fit_case(args)), flush=True)
         return
     start = time.perf_counter()
-    common = ["--policy", args.policy, "--device", args.device]
-    common += ["--jit_compile"] if args.jit_compile else []
+    common = accelerator_flags(args)
     peaks: dict[str, list] = {"nonprivate": [], "ghost": []}
     for micro in args.micro:
         lines = run([sys.executable, os.path.join(HERE, "ghost_memory.py"), "--model",
