@@ -208,5 +208,5 @@ def _masked_weighted_sum(factors: tf.Tensor, mask: tf.Tensor, grads: tf.Tensor) 
     a padding example (0 · NaN = NaN) cannot leak into the sum."""
     grads = tf.cast(grads, tf.float32)
     keep = tf.reshape(mask > 0, [-1] + [1] * (grads.shape.rank - 1))
-    grads = tf.where(keep, grads, tf.zeros_like(grads))
+    grads = tf.where(keep, grads, tf.zeros([], grads.dtype))
     return tf.tensordot(factors, grads, axes=[[0], [0]])

@@ -309,9 +309,14 @@ def choose_mode(t: int | None, p: int, o: int, groups: int = 1) -> str:
 
 
 def zero_rows(x: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
-    """x with the rows i (axis 0) where keep[i] is False replaced by exact zeros (even NaN)."""
+    """x with the rows i (axis 0) where keep[i] is False replaced by exact zeros (even NaN).
+
+    The zero is a broadcast scalar, not ``tf.zeros_like(x)``: Grappler constant-folds a
+    statically shaped ``zeros_like`` into a Const as large as x, which its kernel then holds
+    for the life of the function (270 MB for WRN-16-4 at B = 128).
+    """
     keep = tf.reshape(keep, [-1] + [1] * (x.shape.rank - 1))
-    return tf.where(keep, x, tf.zeros_like(x))
+    return tf.where(keep, x, tf.zeros([], x.dtype))
 
 
 def per_example_rows(x: tf.Tensor, batch: int | tf.Tensor) -> tf.Tensor:

@@ -191,8 +191,8 @@ class GatherPiece:
     def _valid(self):
         rows = int(self.variable.shape[0])
         valid = (self.ids >= 0) & (self.ids < rows)
-        return (tf.where(valid, self.ids, tf.zeros_like(self.ids)),
-                tf.where(valid[..., None], self.grads, tf.zeros_like(self.grads)))
+        return (tf.where(valid, self.ids, tf.zeros([], self.ids.dtype)),
+                tf.where(valid[..., None], self.grads, tf.zeros([], self.grads.dtype)))
 
     def is_large(self) -> bool:
         return False

@@ -95,7 +95,7 @@ def _batch_patient_loss(model: keras.Model, per_sample: Callable, augmult: int
         row_mask = tf.reshape(tf.repeat(image_mask, augmult, axis=1), [-1])  # [B·k·K]
         real = row_mask > 0
         rows = tf.where(tf.reshape(real, [-1] + [1] * (rows.shape.rank - 1)), rows,
-                        tf.zeros_like(rows))
+                        tf.zeros([], rows.dtype))
         predictions = model(rows, training=True)
         to_loss = tf.where(tf.reshape(real, [-1] + [1] * (predictions.shape.rank - 1)),
                            predictions, tf.stop_gradient(predictions))

@@ -313,7 +313,7 @@ def _read_patients(data: TrainingData, sampling_seed: int, step, patients, mask)
     x = tf.reshape(x, [-1, k] + list(data.x_spec.shape))
     y = tf.reshape(y, [-1, k] + list(data.y_spec.shape))
     keep = tf.reshape(image_mask > 0, [-1, k] + [1] * (x.shape.rank - 2))
-    x = tf.where(keep, x, tf.zeros_like(x))  # never another patient's image in a padding slot
+    x = tf.where(keep, x, tf.zeros([], x.dtype))  # never another patient's image in a padding slot
     return x, {"labels": y, "image_mask": image_mask}
 
 
