@@ -13,11 +13,11 @@ process):
                     ghost_linear.NATIVE_WEIGHTED_SUM = False);
   keep_none, keep_all  ghost_linear.KEEP_PER_EXAMPLE_BYTES = 0 / unbounded (default 128 MB):
                     which direct-mode layers keep their per-example gradients for the sum;
-  native_any_t      ghost_linear.NATIVE_MIN_POSITIONS = 0 (default 256): the native
+  native_any_t      ghost_linear.NATIVE_MIN_POSITIONS = 0 (default 512): the native
                     per-example kernel gradient for every direct conv, whatever its T;
   keep_all_native_any_t  both of the above;
   chunk4, chunk64   ghost_linear.CHUNK_BYTES = 4 MB / 64 MB (default 16 MB);
-  native12          ghost_linear.NATIVE_CHUNK_BYTES = 12 MB (default 3 MB; only where the
+  native3           ghost_linear.NATIVE_CHUNK_BYTES = 3 MB (default 12 MB; only where the
                     native per-example kernel gradient runs, see native_grouped_backprop).
 Phases (``--phases``; ghost defaults only): the step cut after
   capture  the forward pass and the backward pass to the recorded layer outputs;
@@ -58,7 +58,7 @@ VARIANTS = {  # name -> ghost_linear settings
     "keep_per_example": {"NATIVE_WEIGHTED_SUM": False},
     "chunk4": {"CHUNK_BYTES": 4 << 20},
     "chunk64": {"CHUNK_BYTES": 64 << 20},
-    "native12": {"NATIVE_CHUNK_BYTES": 12 << 20},
+    "native3": {"NATIVE_CHUNK_BYTES": 3 << 20},
     "keep_none": {"KEEP_PER_EXAMPLE_BYTES": 0},
     "keep_all": {"KEEP_PER_EXAMPLE_BYTES": 1 << 40},
     "native_any_t": {"NATIVE_MIN_POSITIONS": 0},

@@ -76,10 +76,14 @@ input; made for the whole batch (and, by TF's scheduler, for every layer at once
 the largest term of the DP step's peak memory (benchmarks/clipping_methods.py)."""
 
 
-NATIVE_CHUNK_BYTES = 3 << 20
+NATIVE_CHUNK_BYTES = 12 << 20
 """Examples per call of :func:`conv_per_example_gradients`: as many as keep their per-example
-gradients, A-sized transposes and D within this many bytes (≈ 4 examples of a 64-channel
-32×32 WRN layer, the fastest of 1, 4, 8, 16 there; a whole small-model batch in one call)."""
+gradients, A-sized transposes and D within this many bytes (≈ 18 examples of a 64-channel
+32×32 WRN layer; a whole small-model batch in one call). Every chunk adds its own ops to the
+traced step. WRN-16-4, B = 128, oneDNN, 2-core AMD EPYC, benchmarks/ghost_memory.py, two
+alternating runs: 12 MB against the earlier 3 MB gave 3.12/3.02 s against 3.24/3.03 s per
+step, 2.59 GB against 2.66–2.70 GB peak RSS, 13.8k against 19.6k graph nodes and 20–21 s
+against 25–26 s to trace and run the first call."""
 
 
 NATIVE_WEIGHTED_SUM = True
