@@ -3,6 +3,9 @@
 One JSON line per case. Each case runs in its own subprocess (peak RSS = that process's
 ``ru_maxrss``, which is a high-water mark). A step is one compiled micro-batch step as in
 benchmarks/clipping_methods.py (no noise, no optimizer update), on WRN-16-4 at 32×32 by default.
+Each line also has the traced graph's node count and the RSS after tracing, and, where the CPU
+allocator counts (oneDNN on), its peak bytes in tensors and the bytes the step still holds
+after its calls returned (``allocator_peak_mb``, ``allocator_held_after_step_mb``).
 
 Variants (``--variants``; module settings of tfdpfair.privacy.ghost_linear, restored per
 process):
@@ -87,6 +90,23 @@ def machine_info() -> dict:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def allocator_mb() -> dict:
+    """TensorFlow's CPU allocator counters in MB: bytes in tensors now and their peak since the
+    process started. oneDNN's CPU allocator counts them; TF's plain one does not (then {})."""
+    import tensorflow as tf
+
+    try:
+        info = tf.config.experimental.get_memory_info("CPU:0")
+    except ValueError:
+        return {}
+    return {"in_use": round(info["current"] / 2**20, 1), "peak": round(info["peak"] / 2**20, 1)}
 
 
 def build(model_name: str, batch: int, policy: str):
@@ -234,7 +254,10 @@ def run_case(args) -> dict:
             tf.nest.map_structure(lambda t: t.numpy(), step())
 
         rss_before = peak_rss_mb()
+        in_use_before = allocator_mb().get("in_use")
         start = time.perf_counter()
+        graph_nodes = len(step.get_concrete_function().graph.as_graph_def().node)
+        trace_s, rss_after_trace = time.perf_counter() - start, current_rss_mb()
         call()
         first = time.perf_counter() - start
         call()
@@ -254,10 +277,19 @@ def run_case(args) -> dict:
             times.append(time.perf_counter() - start)
         if tracker is not None:
             tracker.__exit__(None, None, None)
+        allocator = allocator_mb()
     line = {"benchmark": "ghost_memory", "model": args.model, "batch": args.batch,
             "variant": variant, "phase": phase, "step_s": round(statistics.median(times), 4),
-            "trace_and_first_s": round(first, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-            "rss_before_step_mb": round(rss_before, 1), "policy": args.policy,
+            "trace_and_first_s": round(first, 2), "trace_s": round(trace_s, 2),
+            "graph_nodes": graph_nodes, "peak_rss_mb": round(peak_rss_mb(), 1),
+            "rss_before_step_mb": round(rss_before, 1),
+            "rss_after_trace_mb": round(rss_after_trace, 1),
+            # Tensors: the allocator's peak, and what the step still holds after its calls
+            # returned and their outputs were dropped (folded constants, caches).
+            "allocator_peak_mb": allocator.get("peak"),
+            "allocator_held_after_step_mb": (round(allocator["in_use"] - in_use_before, 1)
+                                             if allocator else None),
+            "policy": args.policy,
             "device": args.device, "jit_compile": args.jit_compile,
             "chunk_bytes": gl.CHUNK_BYTES, "native_chunk_bytes": gl.NATIVE_CHUNK_BYTES,
             "native_weighted_sum": getattr(gl, "NATIVE_WEIGHTED_SUM", False),
