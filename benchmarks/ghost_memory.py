@@ -92,11 +92,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def allocator_mb() -> dict:
     """TensorFlow's CPU allocator counters in MB: bytes in tensors now and their peak since the
     process started. oneDNN's CPU allocator counts them; TF's plain one does not (then {})."""
@@ -238,6 +233,7 @@ def memray_peak_by_kernel(path: str, top: int = 20) -> dict:
 def run_case(args) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
+    from step_timer import current_rss_mb  # imports Keras: only in the child, after oneDNN is set
 
     from tfdpfair.privacy import ghost_linear as gl
 
